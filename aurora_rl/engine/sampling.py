@@ -1,0 +1,91 @@
+"""Sampling parameters and the pure functions that turn logits into a distribution and a token.
+
+``processed_probs`` is the distribution a request actually samples from (temperature, top-k, top-p
+applied); lossless speculative verification compares draft and target under exactly this
+distribution. Greedy (temperature 0) is argmax and needs no generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How one request is decoded and when it stops."""
+
+    max_tokens: int = 128
+    """Upper bound on generated tokens."""
+    temperature: float = 0.0
+    """0 means greedy (deterministic argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose mass reaches top_p."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same sampled output."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: generation ends when the text contains one; it is cut from the output text."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra token ids that end generation (in addition to the model's EOS)."""
+    ignore_eos: bool = False
+    """Keep generating through EOS (benchmarks)."""
+    lookahead: int | None = None
+    """Draft tokens to speculate per step; None takes the engine's default, 0 disables speculation."""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.lookahead is not None and self.lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
+        self.stop = tuple(self.stop)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution [..., V] a request samples from; one-hot at the argmax when greedy."""
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the mass before it already reaches top_p; the top token always stays.
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``probs`` [..., V]."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> list[int]:
+    """Next token for each row of ``logits`` [B, V]; greedy rows share one argmax."""
+    argmax = logits.argmax(-1).tolist()
+    out = []
+    for row, (p, g) in enumerate(zip(params, generators)):
+        out.append(argmax[row] if p.greedy else int(sample_from(processed_probs(logits[row], p), g)))
+    return out
