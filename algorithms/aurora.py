@@ -1,0 +1,91 @@
+"""`aurora` (default): distillation plus acceptance-reward policy gradient with stale correction.
+
+Loss = λ_ntp·NTP + λ_rkl·KL(q_θ‖p) + λ_pg·PG. NTP and reverse KL use every TTT entry (the target's
+token stream does not depend on the draft, so they need no correction). PG uses the logged
+proposals: reward 1 per accepted proposal, 0 at the first rejection, V-trace along each speculation
+chain with the current draft's expected accept length as the baseline, ratios truncated at ρ̄,
+steps older than `max_lag` versions dropped and counted. Depth weights γ^(j−1) or reach probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from algorithms.base import AlgorithmConfig, chain_mask, check_choice, check_range, current_acceptance
+from algorithms.batch import LossBatch, LossOutput
+from algorithms.metrics import batch_metrics
+from algorithms.offpolicy import RLLIB_C_BAR, chain_vtrace, drop_stale
+from algorithms.registry import register
+from algorithms.terms import (
+    DEPTH_WEIGHT_KINDS, depth_weights, ntp_loss, policy_gradient_loss, proposal_logp, reverse_kl,
+)
+
+
+@dataclass
+class AuroraConfig(AlgorithmConfig):
+    """Hyperparameters of the `aurora` objective."""
+
+    ntp_coef: float = 1.0
+    """λ_ntp: weight of next-token cross entropy on the emitted tokens."""
+    rkl_coef: float = 1.0
+    """λ_rkl: weight of KL(q_θ‖p), the dense signal that shapes q where rejection sampling looks."""
+    pg_coef: float = 0.5
+    """λ_pg: weight of the acceptance policy gradient. Half of the distillation weights because its
+    signal is sparser and noisier (one sampled proposal per depth, stale); it adds the negative
+    feedback from rejections that distillation throws away without letting it dominate day 0."""
+    depth_weighting: str = "gamma"
+    """"gamma": γ^(j−1); "reach": probability that the current draft reaches depth j."""
+    gamma: float = 0.8
+    """Depth decay for "gamma" weighting, in (0, 1]; 0.8 as in EAGLE3."""
+    rho_bar: float = 1.0
+    """ρ̄: importance-ratio truncation for the V-trace value targets; ≥ c̄ as IMPALA assumes."""
+    pg_rho_bar: float = 1.0
+    """ρ̄_pg: importance-ratio truncation in the policy-gradient advantages; > 0."""
+    c_bar: float = 1.0
+    """c̄: trace-cutting truncation. RLlib's vtrace_torch fixes c = min(1, ρ), so only 1.0 is valid."""
+    max_lag: int = 8
+    """Drop logged steps proposed more than this many policy versions ago (counted in metrics)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("ntp_coef", "rkl_coef", "pg_coef"):
+            check_range(self, name, lo=0.0)
+        check_choice(self, "depth_weighting", DEPTH_WEIGHT_KINDS)
+        check_range(self, "gamma", lo=0.0, hi=1.0, lo_open=True)
+        if self.c_bar != RLLIB_C_BAR:
+            raise ValueError(
+                f"AuroraConfig.c_bar must be {RLLIB_C_BAR} (RLlib's vtrace_torch hard-codes "
+                f"c = min(1, rho)), got {self.c_bar!r}")
+        check_range(self, "rho_bar", lo=self.c_bar)
+        check_range(self, "pg_rho_bar", lo=0.0, lo_open=True)
+        if isinstance(self.max_lag, bool) or not isinstance(self.max_lag, int) or self.max_lag < 0:
+            raise ValueError(f"AuroraConfig.max_lag must be an integer >= 0, got {self.max_lag!r}")
+
+
+@register("aurora", AuroraConfig)
+def loss(batch: LossBatch, cfg: AuroraConfig) -> LossOutput:
+    """The aurora objective on one batch; see the module docstring."""
+    n, k = batch.mask.shape
+    alpha = current_acceptance(batch, cfg.greedy_verify)
+    weights = depth_weights(cfg.depth_weighting, cfg.gamma, alpha, k).expand(n, k)
+    ntp = ntp_loss(batch.draft_logits, batch.target_tokens, batch.mask, weights)
+    rkl = reverse_kl(batch.draft_logits, batch.target_logits, batch.mask, weights)
+
+    stale = drop_stale(batch.lag, cfg.max_lag)
+    logq = proposal_logp(batch.draft_logits, batch.proposal_row, batch.proposals)
+    chain = chain_mask(batch, stale.keep)
+    vt = chain_vtrace(logq, batch.behaviour_logp, batch.accepted, chain, alpha[batch.proposal_row],
+                      cfg.rho_bar, cfg.pg_rho_bar)
+    pg = policy_gradient_loss(logq, vt.pg_advantages, vt.valid, weights[batch.proposal_row])
+
+    total = cfg.ntp_coef * ntp + cfg.rkl_coef * rkl + cfg.pg_coef * pg
+    metrics = {
+        "losses/total": float(total.detach()),
+        "losses/ntp": float(ntp.detach()),
+        "losses/rkl": float(rkl.detach()),
+        "losses/pg": float(pg.detach()),
+        "losses/value_target_mean": float(vt.vs[vt.valid].mean()) if vt.valid.any() else 0.0,
+        "losses/advantage_mean": float(vt.pg_advantages[vt.valid].mean()) if vt.valid.any() else 0.0,
+    }
+    metrics.update(batch_metrics(batch, alpha, stale.keep, stale.dropped, cfg.pg_rho_bar, logq.detach()))
+    return LossOutput(total, metrics)
