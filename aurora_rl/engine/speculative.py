@@ -1,0 +1,215 @@
+"""Speculative decoding with an EAGLE3 draft: propose k tokens, verify k+1 in one target pass, roll back.
+
+Per engine step and running request: the draft proposes a chain of k tokens (k per request, 0 means
+plain decoding), the target verifies the k+1 positions of all rows in one batched forward, the
+accept rule (greedy or lossless rejection sampling) keeps a prefix plus one target token, and the
+target and draft caches roll back past the first rejection by a length reset. The draft is then fed
+the target's features of the kept positions (EAGLE3: target features for accepted positions, its own
+hidden state for deeper ones), which also yields its depth-1 proposal for the next step.
+
+Invariant between steps: draft cache length == target cache length == tokens - 1 for every slot.
+Traces (``aurora_rl.engine.trace``) are recorded here and handed to ``trace_sink`` on finish.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from aurora_rl.engine.sampling import processed_probs, sample_from, sample_tokens
+from aurora_rl.engine.sequence import Sequence, Status
+from aurora_rl.engine.spec_math import Verdict, greedy_verify_batch, rejection_verify
+from aurora_rl.engine.trace import Trace, TraceRecorder, TraceStatus
+from aurora_rl.models.draft import Eagle3Draft
+
+_TRACE_STATUS = {Status.FINISHED: TraceStatus.FINISHED, Status.ABORTED: TraceStatus.ABORTED,
+                 Status.ERROR: TraceStatus.ERROR}
+
+
+@dataclass(slots=True)
+class SpecConfig:
+    """Speculation settings of one engine."""
+
+    lookahead: int = 4
+    """Default draft tokens per step (a request's ``lookahead`` overrides it; 0 disables)."""
+    capture_traces: bool = True
+    """Record traces (features, proposals, acceptances) for the learner."""
+    trace_dtype: str = "bfloat16"
+    """Dtype of stored features in traces."""
+
+    def __post_init__(self) -> None:
+        if self.lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
+        if self.trace_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"trace_dtype={self.trace_dtype!r}; choose bfloat16, float16 or float32")
+
+
+@dataclass
+class _SlotState:
+    """The draft's depth-1 output for a slot's next step: logits over the draft vocab and hidden."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class SpecDecoder:
+    """The engine's speculative ``Decoder`` (see ``aurora_rl.engine.engine.Decoder``)."""
+
+    def __init__(self, draft: Eagle3Draft, num_slots: int, max_len: int, config: SpecConfig | None = None,
+                 trace_sink: Callable[[Trace], None] | None = None, policy_version: int = 0) -> None:
+        self.config = config or SpecConfig()
+        self.draft = draft.eval()
+        self.cache = draft.new_cache(num_slots, max_len)
+        self.trace_sink = trace_sink
+        self.policy_version = policy_version
+        self.lookahead_fn: Callable[[list[Sequence]], list[int]] | None = None
+        self._state: dict[int, _SlotState] = {}
+        self._recorders: dict[str, TraceRecorder] = {}
+        self._trace_dtype = getattr(torch, self.config.trace_dtype)
+
+    # ---- hot swap -------------------------------------------------------------------------------
+    def load_draft_state(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Swap in new draft weights at a step boundary; slots in flight keep their caches.
+
+        Keys/values already cached were computed by the old weights; they are rebuilt as positions are
+        re-fed after the next rejection, and losslessness never depends on the draft.
+        """
+        with torch.no_grad():
+            for name, t in state.items():
+                self.draft.get_parameter(name).copy_(t)
+        self.policy_version = version
+
+    # ---- Decoder protocol -----------------------------------------------------------------------
+    def prefill(self, engine, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            out = engine.runner.extend([seq.slot], [seq.prompt_ids], last_only=True, with_taps=True)
+            (tok,) = sample_tokens(out.logits, [seq.params], [seq.generator])
+            if self.config.capture_traces:
+                rec = self._recorders[seq.request_id] = TraceRecorder(self._trace_dtype)
+                rec.add_positions(out.taps[0], out.hidden[0])
+            self._draft_extend([seq], [seq.prompt_ids[1:] + [tok]], out.taps[:, : len(seq.prompt_ids)], [0])
+            engine.append_tokens(seq, [tok])
+
+    def decode(self, engine, seqs: list[Sequence]) -> None:
+        t0 = time.perf_counter()
+        ks = self._lookaheads(engine, seqs)
+        props, logps, qs = self._propose(seqs, ks)
+        starts = [int(engine.runner.lengths[s.slot]) for s in seqs]
+        out = engine.runner.extend([s.slot for s in seqs], [[s.last_token] + p for s, p in zip(seqs, props)],
+                                   with_taps=True)
+        verdicts = self._verify(seqs, ks, props, qs, out.logits)
+        new_tokens, kept_taps = [], []
+        for b, (seq, v) in enumerate(zip(seqs, verdicts)):
+            engine.runner.truncate(seq.slot, starts[b] + 1 + v.accepted)
+            new_tokens.append(props[b][: v.accepted] + [v.next_token])
+            kept_taps.append(out.taps[b, : v.accepted + 1])
+        self._draft_extend(seqs, new_tokens, kept_taps, starts)
+        dt = time.perf_counter() - t0
+        for b, (seq, v) in enumerate(zip(seqs, verdicts)):
+            seq.verify_steps += 1
+            seq.draft_tokens += ks[b]
+            seq.accepted_tokens += v.accepted
+            rec = self._recorders.get(seq.request_id)
+            if rec is not None:
+                rec.add_positions(out.taps[b, : v.accepted + 1], out.hidden[b, : v.accepted + 1])
+                rec.add_step(starts[b] - 1, props[b], logps[b], v.accepted, self.policy_version, dt)
+            engine.append_tokens(seq, new_tokens[b])
+
+    def release(self, engine, seq: Sequence) -> None:
+        self._state.pop(seq.slot, None)
+        self.cache.lengths[seq.slot] = 0
+        rec = self._recorders.pop(seq.request_id, None)
+        if rec is not None and self.trace_sink is not None:
+            status = _TRACE_STATUS.get(seq.status, TraceStatus.FINISHED)
+            self.trace_sink(rec.finish(seq.request_id, seq.prompt_ids, seq.output_ids, status,
+                                       seq.finish_reason, seq.params.greedy))
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _lookaheads(self, engine, seqs: list[Sequence]) -> list[int]:
+        wanted = self.lookahead_fn(seqs) if self.lookahead_fn else [
+            self.config.lookahead if s.params.lookahead is None else s.params.lookahead for s in seqs]
+        ks = []
+        for seq, k in zip(seqs, wanted):
+            # Never draft past max_tokens or the context: those proposals could not be kept.
+            room = min(seq.params.max_tokens - len(seq.output_ids), engine.config.max_len - seq.num_tokens) - 1
+            ks.append(max(0, min(k, room)))
+        return ks
+
+    def _draft_probs(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """The behaviour distribution over the draft vocab (temperature 1 for greedy requests)."""
+        if seq.params.greedy:
+            return torch.softmax(logits.float(), -1)
+        return processed_probs(logits, seq.params)
+
+    def _propose(self, seqs: list[Sequence], ks: list[int]):
+        """Chains of proposals (target ids), their behaviour log-probs, and q over the target vocab."""
+        d2t = self.draft.draft_to_target
+        props: list[list[int]] = [[] for _ in seqs]
+        logps: list[list[float]] = [[] for _ in seqs]
+        qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        logits = {b: self._state[s.slot].logits for b, s in enumerate(seqs)}
+        hidden = {b: self._state[s.slot].hidden for b, s in enumerate(seqs)}
+        for depth in range(1, max(ks, default=0) + 1):
+            rows = [b for b, k in enumerate(ks) if k >= depth]
+            for b in rows:
+                seq = seqs[b]
+                probs = self._draft_probs(logits[b], seq)
+                d = int(logits[b].argmax()) if seq.params.greedy else int(sample_from(probs, seq.generator))
+                props[b].append(int(d2t[d]))
+                logps[b].append(float(torch.log(probs[d].clamp_min(1e-30))))
+                if not seq.params.greedy:
+                    qs[b].append(probs)
+            rows = [b for b in rows if ks[b] > depth]
+            if not rows:
+                continue
+            slots = torch.tensor([seqs[b].slot for b in rows])
+            pos = torch.tensor([[int(self.cache.lengths[seqs[b].slot]) + depth - 2] for b in rows])
+            toks = torch.tensor([[props[b][-1]] for b in rows])
+            h = torch.stack([hidden[b] for b in rows]).unsqueeze(1)
+            with torch.inference_mode():
+                out = self.draft(toks, h, pos, self.cache, slots)
+            for i, b in enumerate(rows):
+                logits[b], hidden[b] = out.logits[i, 0], out.hidden[i, 0]
+        return props, logps, qs
+
+    def _verify(self, seqs, ks, props, qs, target_logits: torch.Tensor) -> list[Verdict]:
+        K = max(ks, default=0)
+        verdicts: list[Verdict | None] = [None] * len(seqs)
+        greedy = [b for b, s in enumerate(seqs) if s.params.greedy]
+        if greedy:
+            prop = torch.tensor([props[b] + [-1] * (K - len(props[b])) for b in greedy], dtype=torch.long).view(len(greedy), K)
+            acc, nxt = greedy_verify_batch(prop, torch.tensor([ks[b] for b in greedy]),
+                                           target_logits[greedy, : K + 1].argmax(-1))
+            for i, b in enumerate(greedy):
+                verdicts[b] = Verdict(int(acc[i]), int(nxt[i]))
+        d2t = self.draft.draft_to_target
+        for b, seq in enumerate(seqs):
+            if verdicts[b] is not None:
+                continue
+            k = ks[b]
+            p = processed_probs(target_logits[b, : k + 1], seq.params)
+            q = torch.zeros(k, p.shape[-1])
+            if k:
+                q[:, d2t] = torch.stack(qs[b])
+            verdicts[b] = rejection_verify(torch.tensor(props[b], dtype=torch.long), q, p, seq.generator)
+        return verdicts  # type: ignore[return-value]
+
+    def _draft_extend(self, seqs: list[Sequence], tokens: list[list[int]], taps, starts: list[int]) -> None:
+        """Feed kept positions (target features) to the draft; keep its depth-1 output per slot."""
+        T = max(len(t) for t in tokens)
+        H = self.draft.config.num_taps * self.draft.config.target_hidden_size
+        feats = torch.zeros(len(seqs), T, H, dtype=self.draft.dtype)
+        for b, t in enumerate(tokens):
+            feats[b, : len(t)] = taps[b][: len(t)].to(self.draft.dtype)
+        ids = torch.tensor([t + [t[-1]] * (T - len(t)) for t in tokens], dtype=torch.long)
+        pos = (torch.tensor(starts).unsqueeze(1) + torch.arange(T)).clamp(max=self.cache.max_len - 1)
+        slots = torch.tensor([s.slot for s in seqs])
+        with torch.inference_mode():
+            out = self.draft(ids, self.draft.fuse(feats), pos, self.cache, slots,
+                             logit_index=torch.tensor([len(t) - 1 for t in tokens]))
+        for b, (seq, t) in enumerate(zip(seqs, tokens)):
+            self.cache.lengths[seq.slot] = starts[b] + len(t)
+            self._state[seq.slot] = _SlotState(out.logits[b], out.hidden[b, len(t) - 1])

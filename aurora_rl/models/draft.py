@@ -1,0 +1,199 @@
+"""EAGLE3 draft: fc fusion of the target's tapped layers, one decoder layer, a pruned-vocabulary head.
+
+One draft step at position i takes the embedding of token x_{i+1} and a hidden state h_i, and returns
+logits over the draft vocabulary for x_{i+2} plus its own pre-norm hidden state. At depth 1, h_i is
+``fuse(taps_i)`` (the target's low/middle/high features); at deeper depths it is the draft's own
+output from the previous depth. The embedding is copied from the target and frozen. Draft ids map to
+target ids by ``target = draft + d2t[draft]``; ``t2d`` marks target ids that have a draft id (the
+layout SGLang and vLLM load for EAGLE3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from aurora_rl.models.config import ModelConfig
+from aurora_rl.models.kv_cache import SlotKVCache
+from aurora_rl.models.layers import GatedMLP, RMSNorm, RotaryTable, apply_rope, attend, causal_mask
+
+
+@dataclass(slots=True)
+class DraftConfig:
+    """Shape of an EAGLE3 draft for a given target."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    """The target's vocabulary (t2d has this length)."""
+    draft_vocab_size: int
+    """Rows of the draft's lm_head; equal to vocab_size for a full vocabulary."""
+    target_hidden_size: int
+    num_taps: int = 3
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)
+    max_position_embeddings: int = 2048
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size={self.draft_vocab_size} must be in [1, vocab_size={self.vocab_size}]")
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, draft_vocab_size: int | None = None) -> "DraftConfig":
+        return cls(
+            hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
+            num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
+            vocab_size=target.vocab_size, draft_vocab_size=draft_vocab_size or target.vocab_size,
+            target_hidden_size=target.hidden_size, num_taps=len(target.tap_layers),
+            rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
+            rope_scaling=dict(target.rope_scaling), max_position_embeddings=target.max_position_embeddings,
+        )
+
+    def replace(self, **changes) -> "DraftConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class DraftOutput:
+    logits: torch.Tensor
+    """[B, T, Vd] over the draft vocabulary ([B, Vd] when ``logit_index`` was given)."""
+    hidden: torch.Tensor
+    """Pre-norm hidden state [B, T, H]: the next depth's input."""
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        H, hd = cfg.hidden_size, cfg.head_dim
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, hd
+        self.embed = nn.Embedding(cfg.vocab_size, H)
+        self.embed.weight.requires_grad_(False)
+        self.fc = nn.Linear(cfg.num_taps * cfg.target_hidden_size, H, bias=False)
+        self.input_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.qkv = nn.Linear(2 * H, (self.nh + 2 * self.nkv) * hd, bias=False)
+        self.o = nn.Linear(self.nh * hd, H, bias=False)
+        self.post_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(H, cfg.intermediate_size)
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(H, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+        self.rope = RotaryTable(hd, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, torch.float32)
+        self.set_vocab(torch.arange(cfg.draft_vocab_size))
+
+    # ---- vocabulary -----------------------------------------------------------------------------
+    def set_vocab(self, target_ids: torch.Tensor) -> None:
+        """Use ``target_ids`` (sorted, unique, one per lm_head row) as the draft vocabulary."""
+        ids = torch.as_tensor(target_ids, dtype=torch.long)
+        if ids.numel() != self.config.draft_vocab_size:
+            raise ValueError(f"{ids.numel()} vocabulary ids for draft_vocab_size={self.config.draft_vocab_size}")
+        if ids.unique().numel() != ids.numel() or int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError("draft vocabulary ids must be unique and inside the target vocabulary")
+        ids = ids.sort().values
+        self.d2t.copy_(ids - torch.arange(ids.numel()))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    def remap_vocab(self, target_ids: torch.Tensor, seed: int = 0) -> int:
+        """Refresh the draft vocabulary: rows of tokens kept move along; new tokens start small random.
+
+        Returns how many tokens are new. Optimizer state for lm_head must be reset by the caller.
+        """
+        ids = torch.as_tensor(target_ids, dtype=torch.long).sort().values
+        old = self.target_to_draft(ids)
+        head = torch.randn(self.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+        head = head.to(self.lm_head.weight.dtype)
+        kept = old >= 0
+        head[kept] = self.lm_head.weight.data[old[kept]]
+        with torch.no_grad():
+            self.lm_head.weight.copy_(head)
+        self.set_vocab(ids)
+        return int((~kept).sum())
+
+    @property
+    def draft_to_target(self) -> torch.Tensor:
+        return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
+
+    def target_to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Draft ids of ``target_ids``; -1 where a token is outside the draft vocabulary."""
+        lookup = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=self.d2t.device)
+        lookup[self.draft_to_target] = torch.arange(self.d2t.numel(), device=self.d2t.device)
+        return lookup[target_ids]
+
+    def init_from_target(self, target: nn.Module, seed: int = 0) -> "Eagle3Draft":
+        """Day 0: random weights, the target's (frozen) embedding, the target's lm_head rows as head."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and name != "embed.weight":
+                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        with torch.no_grad():
+            self.embed.weight.copy_(target.embed.weight.float())
+        return self
+
+    # ---- forward --------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    def to_dtype(self, dtype: torch.dtype) -> "Eagle3Draft":
+        self.to(dtype)
+        self.rope.to(dtype)
+        return self
+
+    def new_cache(self, num_slots: int, max_len: int) -> SlotKVCache:
+        return SlotKVCache(1, num_slots, self.nkv, self.hd, max_len, dtype=self.dtype, device=self.fc.weight.device)
+
+    def fuse(self, taps: torch.Tensor) -> torch.Tensor:
+        return self.fc(taps.to(self.dtype))
+
+    def layer(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv) -> torch.Tensor:
+        """The decoder layer; ``kv(k, v)`` stores new keys/values and returns (keys, values, mask)."""
+        B, T, _ = hidden.shape
+        x = torch.cat([self.input_norm(self.embed(token_ids).to(hidden.dtype)), self.hidden_norm(hidden)], -1)
+        q, k, v = self.qkv(x).view(B, T, -1, self.hd).split([self.nh, self.nkv, self.nkv], dim=2)
+        cos, sin = self.rope.gather(positions)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        keys, values, mask = kv(k, v.transpose(1, 2))
+        h = hidden + self.o(attend(q, keys, values, mask))
+        return h + self.mlp(self.post_norm(h))
+
+    def forward(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                cache: SlotKVCache, slots: torch.Tensor, logit_index: torch.Tensor | None = None) -> DraftOutput:
+        """Serving step over the draft's slot cache (``hidden`` already fused or the draft's own)."""
+        kv_len = int(positions.max()) + 1
+
+        def kv(k, v):
+            cache.write(0, slots, positions, k, v)
+            keys, values = cache.view(0, slots, kv_len)
+            uniform = positions.shape[1] == 1 and bool((positions == kv_len - 1).all())
+            return keys, values, None if uniform else causal_mask(positions, kv_len)
+
+        h = self.layer(token_ids, hidden, positions, kv)
+        last = h[torch.arange(h.shape[0]), logit_index] if logit_index is not None else h
+        return DraftOutput(logits=self.lm_head(self.norm(last)), hidden=h)
+
+
+def token_frequencies(token_lists, vocab_size: int) -> torch.Tensor:
+    """Counts [vocab_size] of token ids over a traffic sample (lists or tensors of ids)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ids in token_lists:
+        counts += torch.bincount(torch.as_tensor(ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def select_draft_vocab(counts: torch.Tensor, size: int, always: tuple[int, ...] = ()) -> torch.Tensor:
+    """The ``size`` most frequent target ids (ties broken by lower id), plus ``always`` (e.g. EOS), sorted."""
+    if not 1 <= size <= counts.numel():
+        raise ValueError(f"draft vocabulary size {size} must be in [1, {counts.numel()}]")
+    score = counts.double() - torch.arange(counts.numel(), dtype=torch.double) / (2 * counts.numel())
+    score[list(always)] = float("inf")
+    return score.topk(size).indices.sort().values
