@@ -155,15 +155,17 @@ class Eagle3Draft(nn.Module):
     def fuse(self, taps: torch.Tensor) -> torch.Tensor:
         return self.fc(taps.to(self.dtype))
 
-    def layer(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv) -> torch.Tensor:
-        """The decoder layer; ``kv(k, v)`` stores new keys/values and returns (keys, values, mask)."""
+    def project_qkv(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor):
+        """q [B, nh, T, hd], k and v [B, nkv, T, hd] (rope applied) for inputs (token, hidden) at positions."""
         B, T, _ = hidden.shape
         x = torch.cat([self.input_norm(self.embed(token_ids).to(hidden.dtype)), self.hidden_norm(hidden)], -1)
         q, k, v = self.qkv(x).view(B, T, -1, self.hd).split([self.nh, self.nkv, self.nkv], dim=2)
         cos, sin = self.rope.gather(positions)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
-        keys, values, mask = kv(k, v.transpose(1, 2))
-        h = hidden + self.o(attend(q, keys, values, mask))
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+    def post_attention(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual over ``hidden`` with the attention output [B, T, nh*hd], then the MLP block."""
+        h = hidden + self.o(attn)
         return h + self.mlp(self.post_norm(h))
 
     def forward(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
@@ -171,13 +173,11 @@ class Eagle3Draft(nn.Module):
         """Serving step over the draft's slot cache (``hidden`` already fused or the draft's own)."""
         kv_len = int(positions.max()) + 1
 
-        def kv(k, v):
-            cache.write(0, slots, positions, k, v)
-            keys, values = cache.view(0, slots, kv_len)
-            uniform = positions.shape[1] == 1 and bool((positions == kv_len - 1).all())
-            return keys, values, None if uniform else causal_mask(positions, kv_len)
-
-        h = self.layer(token_ids, hidden, positions, kv)
+        q, k, v = self.project_qkv(token_ids, hidden, positions)
+        cache.write(0, slots, positions, k, v)
+        keys, values = cache.view(0, slots, kv_len)
+        uniform = positions.shape[1] == 1 and bool((positions == kv_len - 1).all())
+        h = self.post_attention(hidden, attend(q, keys, values, None if uniform else causal_mask(positions, kv_len)))
         last = h[torch.arange(h.shape[0]), logit_index] if logit_index is not None else h
         return DraftOutput(logits=self.lm_head(self.norm(last)), hidden=h)
 
