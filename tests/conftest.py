@@ -10,6 +10,9 @@ import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from a second thread, and on a busy 2-core machine an OpenMP barrier can
+# stall every small op by milliseconds; tests that want more threads set them themselves.
+torch.set_num_threads(1)
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, bos_token_id=0)

@@ -259,3 +259,15 @@ def domain_counts(
     counts = {domain: len(_eligible(domain, min_chars, max_chars, path)) for domain in DOMAINS}
     counts[ALL_DOMAINS] = sum(counts.values())
     return counts
+
+
+def chat_token_ids(tokenizer, messages: list[dict], max_tokens: int | None = None) -> list[int]:
+    """Token ids of ``messages`` under the tokenizer's chat template, ready for the assistant's turn.
+
+    A prompt longer than ``max_tokens`` raises ValueError (callers filter; nothing is cut silently).
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise ValueError(f"prompt has {len(ids)} tokens, more than max_tokens={max_tokens}")
+    return ids

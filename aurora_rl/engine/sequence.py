@@ -57,6 +57,10 @@ class Sequence:
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
+    def room(self, max_len: int) -> int:
+        """Most draft tokens one step can keep: one token of every step is the target's own."""
+        return min(self.params.max_tokens - len(self.output_ids), max_len - self.num_tokens) - 1
+
     @property
     def is_finished(self) -> bool:
         return self.status in (Status.FINISHED, Status.ABORTED, Status.ERROR)

@@ -131,12 +131,8 @@ class SpecDecoder:
     def _lookaheads(self, engine, seqs: list[Sequence]) -> list[int]:
         wanted = self.lookahead_fn(seqs) if self.lookahead_fn else [
             self.config.lookahead if s.params.lookahead is None else s.params.lookahead for s in seqs]
-        ks = []
-        for seq, k in zip(seqs, wanted):
-            # Never draft past max_tokens or the context: those proposals could not be kept.
-            room = min(seq.params.max_tokens - len(seq.output_ids), engine.config.max_len - seq.num_tokens) - 1
-            ks.append(max(0, min(k, room)))
-        return ks
+        # Never draft past max_tokens or the context: those proposals could not be kept.
+        return [max(0, min(k, seq.room(engine.config.max_len))) for seq, k in zip(seqs, wanted)]
 
     def _draft_probs(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         """The behaviour distribution over the draft vocab (temperature 1 for greedy requests)."""
@@ -176,26 +172,15 @@ class SpecDecoder:
         return props, logps, qs
 
     def _verify(self, seqs, ks, props, qs, target_logits: torch.Tensor) -> list[Verdict]:
-        K = max(ks, default=0)
-        verdicts: list[Verdict | None] = [None] * len(seqs)
-        greedy = [b for b, s in enumerate(seqs) if s.params.greedy]
-        if greedy:
-            prop = torch.tensor([props[b] + [-1] * (K - len(props[b])) for b in greedy], dtype=torch.long).view(len(greedy), K)
-            acc, nxt = greedy_verify_batch(prop, torch.tensor([ks[b] for b in greedy]),
-                                           target_logits[greedy, : K + 1].argmax(-1))
-            for i, b in enumerate(greedy):
-                verdicts[b] = Verdict(int(acc[i]), int(nxt[i]))
         d2t = self.draft.draft_to_target
-        for b, seq in enumerate(seqs):
-            if verdicts[b] is not None:
-                continue
-            k = ks[b]
-            p = processed_probs(target_logits[b, : k + 1], seq.params)
-            q = torch.zeros(k, p.shape[-1])
-            if k:
+
+        def draft_q(b: int, vocab: int) -> torch.Tensor:
+            q = torch.zeros(ks[b], vocab)
+            if ks[b]:
                 q[:, d2t] = torch.stack(qs[b])
-            verdicts[b] = rejection_verify(torch.tensor(props[b], dtype=torch.long), q, p, seq.generator)
-        return verdicts  # type: ignore[return-value]
+            return q
+
+        return verify_chains(seqs, props, target_logits, draft_q)
 
     def _draft_extend(self, seqs: list[Sequence], tokens: list[list[int]], taps, starts: list[int]) -> None:
         """Feed kept positions (target features) to the draft; keep its depth-1 output per slot."""
@@ -213,3 +198,27 @@ class SpecDecoder:
         for b, (seq, t) in enumerate(zip(seqs, tokens)):
             self.cache.lengths[seq.slot] = starts[b] + len(t)
             self._state[seq.slot] = _SlotState(out.logits[b], out.hidden[b, len(t) - 1])
+
+
+def verify_chains(seqs: list[Sequence], props: list[list[int]], target_logits: torch.Tensor,
+                  draft_q: Callable[[int, int], torch.Tensor]) -> list[Verdict]:
+    """The accept rule for each row: greedy rows in one batched call, sampled rows by rejection sampling.
+
+    ``target_logits`` [B, >=K+1, V] come from the verify pass; ``draft_q(b, V)`` gives row b's draft
+    distribution [k, V] over the target vocabulary (only called for sampled rows).
+    """
+    K = max((len(p) for p in props), default=0)
+    verdicts: list[Verdict | None] = [None] * len(seqs)
+    greedy = [b for b, s in enumerate(seqs) if s.params.greedy]
+    if greedy:
+        prop = torch.tensor([props[b] + [-1] * (K - len(props[b])) for b in greedy], dtype=torch.long)
+        acc, nxt = greedy_verify_batch(prop.view(len(greedy), K), torch.tensor([len(props[b]) for b in greedy]),
+                                       target_logits[greedy, : K + 1].argmax(-1))
+        for i, b in enumerate(greedy):
+            verdicts[b] = Verdict(int(acc[i]), int(nxt[i]))
+    for b, seq in enumerate(seqs):
+        if verdicts[b] is None:
+            p = processed_probs(target_logits[b, : len(props[b]) + 1], seq.params)
+            verdicts[b] = rejection_verify(torch.tensor(props[b], dtype=torch.long), draft_q(b, p.shape[-1]), p,
+                                           seq.generator)
+    return verdicts  # type: ignore[return-value]

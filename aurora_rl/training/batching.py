@@ -1,0 +1,123 @@
+"""Traces -> a padded training batch: TTT inputs, target distributions, masks and logged proposals.
+
+Chains are unrolled at the bases serving runs them from (i = P-1 .. L-2, the positions after which the
+target generated), so depth j at base i predicts generated token x_{i+j+1}. The target distribution
+for that token is the target's lm_head applied to the stored final-norm hidden state at i+j,
+restricted to the draft vocabulary; full target logits never travel through the buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from algorithms import LossBatch
+from aurora_rl.engine.trace import Trace
+from aurora_rl.models.draft import Eagle3Draft
+from aurora_rl.training.ttt import TTTInputs
+
+
+@dataclass
+class TraceBatch:
+    ttt: TTTInputs
+    target_logits: torch.Tensor
+    """[B, S, K, Vd] (no grad)."""
+    target_tokens: torch.Tensor
+    """[B, S, K] draft ids of the emitted tokens, -1 outside the draft vocabulary."""
+    mask: torch.Tensor
+    """[B, S, K] bool."""
+    proposal_row: torch.Tensor
+    """[M] rows into the flattened [B*S] bases."""
+    proposals: torch.Tensor
+    behaviour_logp: torch.Tensor
+    accepted: torch.Tensor
+    proposal_mask: torch.Tensor
+    lag: torch.Tensor
+    num_tokens: int
+    """Generated tokens covered (valid depth-1 entries)."""
+
+    def loss_batch(self, draft_logits: torch.Tensor) -> LossBatch:
+        B, S, K, V = draft_logits.shape
+        return LossBatch(
+            draft_logits=draft_logits.reshape(B * S, K, V).float(),
+            target_logits=self.target_logits.reshape(B * S, K, V),
+            target_tokens=self.target_tokens.reshape(B * S, K), mask=self.mask.reshape(B * S, K),
+            proposal_row=self.proposal_row, proposals=self.proposals, behaviour_logp=self.behaviour_logp,
+            accepted=self.accepted, proposal_mask=self.proposal_mask, lag=self.lag,
+        )
+
+
+def collate(traces: list[Trace], draft: Eagle3Draft, target_head: torch.Tensor, depth: int,
+            policy_version: int) -> TraceBatch:
+    """Pad ``traces`` into one batch for unrolling ``draft`` to ``depth``.
+
+    ``target_head`` is the target's lm_head weight [V, H] (frozen).
+    """
+    if not traces:
+        raise ValueError("collate needs at least one trace")
+    Ls = [t.num_positions for t in traces]
+    Ps = [len(t.prompt_ids) for t in traces]
+    T, S = max(Ls), max(max(L - P, 1) for L, P in zip(Ls, Ps))
+    B, K = len(traces), depth
+    F, H = traces[0].taps.shape[1], traces[0].hidden.shape[1]
+    tokens = torch.zeros(B, T + 1, dtype=torch.long)
+    feats = torch.zeros(B, T, F, dtype=draft.dtype)
+    hidden = torch.zeros(B, T + K, H)
+    bases = torch.zeros(B, S, dtype=torch.long)
+    base_valid = torch.zeros(B, S, dtype=torch.bool)
+    for b, (t, L, P) in enumerate(zip(traces, Ls, Ps)):
+        tokens[b, : L + 1] = t.tokens[: L + 1]
+        feats[b, :L] = t.taps.to(draft.dtype)
+        hidden[b, :L] = t.hidden.float()
+        n = max(L - P, 0)
+        bases[b, :n] = torch.arange(P - 1, P - 1 + n)
+        base_valid[b, :n] = True
+    # Depth j at base i predicts x_{i+j+1}, which must exist (index <= L).
+    j = torch.arange(1, K + 1).view(1, 1, K)
+    pred_pos = bases.unsqueeze(-1) + j  # index of hidden state predicting x_{i+j+1}
+    lengths = torch.tensor(Ls)
+    mask = base_valid.unsqueeze(-1) & (pred_pos <= lengths.view(B, 1, 1) - 1)
+    tgt_ids = tokens.gather(1, (pred_pos + 1).clamp(max=T).view(B, -1)).view(B, S, K)
+    target_tokens = draft.target_to_draft(tgt_ids).masked_fill(~mask, -1)
+    with torch.no_grad():
+        h = hidden.gather(1, pred_pos.clamp(max=T + K - 1).view(B, -1, 1).expand(-1, -1, H)).view(B, S, K, H)
+        w = target_head[draft.draft_to_target].float()
+        target_logits = h @ w.T
+    props = _proposals(traces, draft, bases, S, K, policy_version)
+    return TraceBatch(
+        ttt=TTTInputs(tokens=tokens, features=feats, lengths=lengths, bases=bases, base_valid=base_valid),
+        target_logits=target_logits, target_tokens=target_tokens, mask=mask, num_tokens=int(mask[..., 0].sum()),
+        **props,
+    )
+
+
+def _proposals(traces, draft, bases, S: int, K: int, policy_version: int) -> dict:
+    rows, props, logp, acc, pmask, lag = [], [], [], [], [], []
+    for b, t in enumerate(traces):
+        if t.verify_steps == 0:
+            continue
+        P = len(t.prompt_ids)
+        keep = (t.lookahead > 0) & (t.step_position - (P - 1) < S)
+        if not keep.any():
+            continue
+        steps = keep.nonzero().flatten()
+        k = min(K, t.proposals.shape[1])
+        p = torch.full((len(steps), K), -1, dtype=torch.long)
+        p[:, :k] = t.proposals[steps, :k]
+        ids = draft.target_to_draft(p.clamp(min=0)).masked_fill(p < 0, -1)
+        lp = torch.zeros(len(steps), K)
+        lp[:, :k] = t.behaviour_logp[steps, :k]
+        rows.append(b * S + (t.step_position[steps] - (P - 1)))
+        depth_ok = torch.arange(K).unsqueeze(0) < t.lookahead[steps].unsqueeze(1)
+        pmask.append(depth_ok & (ids >= 0))
+        props.append(ids.clamp(min=0))
+        logp.append(lp)
+        acc.append(t.accepted[steps])
+        lag.append(policy_version - t.policy_version[steps])
+    if not rows:
+        z = torch.zeros(0, K)
+        return dict(proposal_row=torch.zeros(0, dtype=torch.long), proposals=z.long(), behaviour_logp=z,
+                    accepted=torch.zeros(0, dtype=torch.long), proposal_mask=z.bool(), lag=torch.zeros(0, dtype=torch.long))
+    return dict(proposal_row=torch.cat(rows), proposals=torch.cat(props), behaviour_logp=torch.cat(logp),
+                accepted=torch.cat(acc), proposal_mask=torch.cat(pmask), lag=torch.cat(lag).clamp(min=0))

@@ -1,0 +1,129 @@
+"""The draft learner: traces in, an optimizer step out, new versioned weights to publish.
+
+It holds the draft, an AdamW optimizer (warmup then constant rate: online training has no end),
+and the frozen target lm_head only (never the whole target). ``update(traces)`` collates, unrolls the
+draft in TTT mode, applies the configured algorithm's loss, clips, steps, and bumps the policy version;
+``replay_ratio`` passes are made over each batch, ``grad_accum`` micro-batches per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from algorithms import get_algorithm
+from aurora_rl.engine.trace import Trace
+from aurora_rl.models.draft import Eagle3Draft
+from aurora_rl.training.batching import collate
+from aurora_rl.training.ttt import unroll
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnerConfig:
+    """Optimisation settings of the draft learner."""
+
+    algorithm: str = "aurora"
+    """Learning rule, one of ``algorithms.list_algorithms()``."""
+    algorithm_args: dict = field(default_factory=dict)
+    """Overrides for the algorithm's config dataclass."""
+    lr: float = 1e-3
+    """Peak (and constant) AdamW learning rate."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to ``lr`` over these optimizer steps."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    """Max global grad norm (0 disables)."""
+    depth: int = 5
+    """TTT depth K: train the draft to the deepest lookahead served."""
+    dtype: str = "float32"
+    """Compute dtype of the draft during training: float32, or bfloat16 autocast."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (traces are split evenly)."""
+    replay_ratio: int = 1
+    """Optimizer passes over each batch of traces (>1 reuses recent data)."""
+    greedy_verify: bool = True
+    """The serving side verifies greedily (temperature 0): acceptance is q(emitted token)."""
+
+    def __post_init__(self) -> None:
+        for name in ("warmup_steps", "depth", "grad_accum", "replay_ratio"):
+            if getattr(self, name) < (0 if name == "warmup_steps" else 1):
+                raise ValueError(f"LearnerConfig.{name}={getattr(self, name)} is out of range")
+        if not self.lr > 0:
+            raise ValueError(f"LearnerConfig.lr must be > 0, got {self.lr}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"LearnerConfig.dtype={self.dtype!r}; choose float32 or bfloat16")
+        self.betas = tuple(self.betas)
+
+
+class Learner:
+    def __init__(self, draft: Eagle3Draft, target_head: torch.Tensor, config: LearnerConfig | None = None,
+                 policy_version: int = 0) -> None:
+        self.config = cfg = config or LearnerConfig()
+        self.algorithm = get_algorithm(cfg.algorithm)
+        self.algo_cfg = self.algorithm.make_config(greedy_verify=cfg.greedy_verify, **cfg.algorithm_args)
+        self.draft = draft.to_dtype(torch.float32).train()
+        self.target_head = target_head.detach().float()
+        self.params = [p for p in self.draft.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.policy_version = policy_version
+
+    def _lr(self) -> float:
+        c = self.config
+        return c.lr * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
+
+    def update(self, traces: list[Trace]) -> dict[str, float]:
+        """One or more optimizer steps on ``traces``; returns metrics (averaged over passes)."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        chunks = [traces[i::cfg.grad_accum] for i in range(min(cfg.grad_accum, len(traces)))]
+        batches = [collate(c, self.draft, self.target_head, cfg.depth, self.policy_version) for c in chunks]
+        totals: dict[str, float] = {}
+        for _ in range(cfg.replay_ratio):
+            metrics = self._step(batches)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.replay_ratio
+        tokens = sum(b.num_tokens for b in batches) * cfg.replay_ratio
+        totals["learner/trained_tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+        totals["learner/traces"] = float(len(traces))
+        return totals
+
+    def _step(self, batches) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {}
+        trainable = self.algorithm.name != "frozen"
+        for batch in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16"):
+                logits = unroll(self.draft, batch.ttt, self.config.depth)
+            out = self.algorithm.loss(batch.loss_batch(logits), self.algo_cfg)
+            if trainable and out.loss.requires_grad:
+                (out.loss / len(batches)).backward()
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v / len(batches)
+        if trainable:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip or math.inf)
+            metrics["learner/grad_norm"] = float(norm)
+            if math.isfinite(float(norm)):
+                self.optimizer.step()
+                self.step += 1
+                self.policy_version += 1
+            else:
+                metrics["learner/skipped_nonfinite"] = 1.0
+                log.warning("skipped an update with non-finite gradient norm %s", norm)
+        metrics["learner/lr"] = self._lr()
+        metrics["learner/step"] = float(self.step)
+        metrics["learner/policy_version"] = float(self.policy_version)
+        return metrics
+
+    def publishable_state(self) -> dict[str, torch.Tensor]:
+        """Trainable draft weights (the frozen embedding and vocab maps stay put on the serving side)."""
+        return {n: p.detach().clone() for n, p in self.draft.named_parameters() if p.requires_grad}
