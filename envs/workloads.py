@@ -18,7 +18,7 @@ Nothing here touches an engine or a model; the tokenizer is any object with ``ap
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,9 +118,9 @@ class DomainShift:
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` under the tokenizer's chat template, ready for the assistant's turn."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    # transformers 5 returns a BatchEncoding by default, older versions a list of ids.
-    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+    from aurora_rl.data.sharegpt import chat_token_ids
+
+    return chat_token_ids(tokenizer, messages)
 
 
 def sharegpt_workload(tokenizer, schedule: DomainShift | Iterable[tuple[str, int]], seed: int,

@@ -69,6 +69,10 @@ class SpecDecoder:
         self._state: dict[int, _SlotState] = {}
         self._recorders: dict[str, TraceRecorder] = {}
         self._trace_dtype = getattr(torch, self.config.trace_dtype)
+        self.depth_proposed: list[int] = []
+        """Proposals made at depth j (index j-1), over the decoder's life."""
+        self.depth_accepted: list[int] = []
+        """Proposals accepted at depth j (index j-1)."""
 
     # ---- hot swap -------------------------------------------------------------------------------
     def load_draft_state(self, state: dict[str, torch.Tensor], version: int) -> None:
@@ -108,6 +112,7 @@ class SpecDecoder:
             kept_taps.append(out.taps[b, : v.accepted + 1])
         self._draft_extend(seqs, new_tokens, kept_taps, starts)
         dt = time.perf_counter() - t0
+        self._count_depths(ks, verdicts)
         for b, (seq, v) in enumerate(zip(seqs, verdicts)):
             seq.verify_steps += 1
             seq.draft_tokens += ks[b]
@@ -128,6 +133,16 @@ class SpecDecoder:
                                        seq.finish_reason, seq.params.greedy))
 
     # ---- internals ------------------------------------------------------------------------------
+    def _count_depths(self, ks: list[int], verdicts: list[Verdict]) -> None:
+        grow = max(ks, default=0) - len(self.depth_proposed)
+        if grow > 0:
+            self.depth_proposed += [0] * grow
+            self.depth_accepted += [0] * grow
+        for k, v in zip(ks, verdicts):
+            for j in range(k):
+                self.depth_proposed[j] += 1
+                self.depth_accepted[j] += j < v.accepted
+
     def _lookaheads(self, engine, seqs: list[Sequence]) -> list[int]:
         wanted = self.lookahead_fn(seqs) if self.lookahead_fn else [
             self.config.lookahead if s.params.lookahead is None else s.params.lookahead for s in seqs]

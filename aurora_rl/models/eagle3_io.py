@@ -76,6 +76,11 @@ def save_eagle3(draft: Eagle3Draft, folder: str | Path, include_embedding: bool 
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         save_file(to_eagle3_tensors(draft, include_embedding), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
+        # mkdtemp and safetensors create owner-only files; an exported draft is meant to be shared
+        # (e.g. read by SGLang on a shared filesystem).
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

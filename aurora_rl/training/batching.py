@@ -33,23 +33,27 @@ class TraceBatch:
     behaviour_logp: torch.Tensor
     accepted: torch.Tensor
     proposal_mask: torch.Tensor
-    lag: torch.Tensor
+    proposal_version: torch.Tensor
+    """[M] long: draft version that made each logged step (lag is taken against the learner's version
+    at loss time, so replay passes see their true lag)."""
     num_tokens: int
     """Generated tokens covered (valid depth-1 entries)."""
 
-    def loss_batch(self, draft_logits: torch.Tensor) -> LossBatch:
+    def loss_batch(self, draft_logits: torch.Tensor, policy_version: int) -> LossBatch:
+        """The algorithms' view; a trace from a newer version than the learner counts as lag 0 (the
+        learner reports how many such steps it saw)."""
         B, S, K, V = draft_logits.shape
         return LossBatch(
             draft_logits=draft_logits.reshape(B * S, K, V).float(),
             target_logits=self.target_logits.reshape(B * S, K, V),
             target_tokens=self.target_tokens.reshape(B * S, K), mask=self.mask.reshape(B * S, K),
             proposal_row=self.proposal_row, proposals=self.proposals, behaviour_logp=self.behaviour_logp,
-            accepted=self.accepted, proposal_mask=self.proposal_mask, lag=self.lag,
+            accepted=self.accepted, proposal_mask=self.proposal_mask,
+            lag=(policy_version - self.proposal_version).clamp(min=0),
         )
 
 
-def collate(traces: list[Trace], draft: Eagle3Draft, target_head: torch.Tensor, depth: int,
-            policy_version: int) -> TraceBatch:
+def collate(traces: list[Trace], draft: Eagle3Draft, target_head: torch.Tensor, depth: int) -> TraceBatch:
     """Pad ``traces`` into one batch for unrolling ``draft`` to ``depth``.
 
     ``target_head`` is the target's lm_head weight [V, H] (frozen).
@@ -84,7 +88,7 @@ def collate(traces: list[Trace], draft: Eagle3Draft, target_head: torch.Tensor, 
         h = hidden.gather(1, pred_pos.clamp(max=T + K - 1).view(B, -1, 1).expand(-1, -1, H)).view(B, S, K, H)
         w = target_head[draft.draft_to_target].float()
         target_logits = h @ w.T
-    props = _proposals(traces, draft, bases, S, K, policy_version)
+    props = _proposals(traces, draft, bases, S, K)
     return TraceBatch(
         ttt=TTTInputs(tokens=tokens, features=feats, lengths=lengths, bases=bases, base_valid=base_valid),
         target_logits=target_logits, target_tokens=target_tokens, mask=mask, num_tokens=int(mask[..., 0].sum()),
@@ -92,7 +96,7 @@ def collate(traces: list[Trace], draft: Eagle3Draft, target_head: torch.Tensor, 
     )
 
 
-def _proposals(traces, draft, bases, S: int, K: int, policy_version: int) -> dict:
+def _proposals(traces, draft, bases, S: int, K: int) -> dict:
     rows, props, logp, acc, pmask, lag = [], [], [], [], [], []
     for b, t in enumerate(traces):
         if t.verify_steps == 0:
@@ -114,10 +118,11 @@ def _proposals(traces, draft, bases, S: int, K: int, policy_version: int) -> dic
         props.append(ids.clamp(min=0))
         logp.append(lp)
         acc.append(t.accepted[steps])
-        lag.append(policy_version - t.policy_version[steps])
+        lag.append(t.policy_version[steps])
     if not rows:
         z = torch.zeros(0, K)
         return dict(proposal_row=torch.zeros(0, dtype=torch.long), proposals=z.long(), behaviour_logp=z,
-                    accepted=torch.zeros(0, dtype=torch.long), proposal_mask=z.bool(), lag=torch.zeros(0, dtype=torch.long))
+                    accepted=torch.zeros(0, dtype=torch.long), proposal_mask=z.bool(),
+                    proposal_version=torch.zeros(0, dtype=torch.long))
     return dict(proposal_row=torch.cat(rows), proposals=torch.cat(props), behaviour_logp=torch.cat(logp),
-                accepted=torch.cat(acc), proposal_mask=torch.cat(pmask), lag=torch.cat(lag).clamp(min=0))
+                accepted=torch.cat(acc), proposal_mask=torch.cat(pmask), proposal_version=torch.cat(lag))

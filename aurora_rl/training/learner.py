@@ -8,6 +8,7 @@ draft in TTT mode, applies the configured algorithm's loss, clips, steps, and bu
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -57,6 +58,11 @@ class LearnerConfig:
                 raise ValueError(f"LearnerConfig.{name}={getattr(self, name)} is out of range")
         if not self.lr > 0:
             raise ValueError(f"LearnerConfig.lr must be > 0, got {self.lr}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"LearnerConfig.grad_clip={self.grad_clip} and weight_decay={self.weight_decay} must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"LearnerConfig.betas={self.betas} must be two numbers in [0, 1)")
+        get_algorithm(self.algorithm)  # unknown names fail here, listing the valid ones
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"LearnerConfig.dtype={self.dtype!r}; choose float32 or bfloat16")
         self.betas = tuple(self.betas)
@@ -68,7 +74,8 @@ class Learner:
         self.config = cfg = config or LearnerConfig()
         self.algorithm = get_algorithm(cfg.algorithm)
         self.algo_cfg = self.algorithm.make_config(greedy_verify=cfg.greedy_verify, **cfg.algorithm_args)
-        self.draft = draft.to_dtype(torch.float32).train()
+        # A private float32 copy: the caller's (serving) draft must only change through published weights.
+        self.draft = copy.deepcopy(draft).to_dtype(torch.float32).train()
         self.target_head = target_head.detach().float()
         self.params = [p for p in self.draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -84,7 +91,7 @@ class Learner:
         t0 = time.perf_counter()
         cfg = self.config
         chunks = [traces[i::cfg.grad_accum] for i in range(min(cfg.grad_accum, len(traces)))]
-        batches = [collate(c, self.draft, self.target_head, cfg.depth, self.policy_version) for c in chunks]
+        batches = [collate(c, self.draft, self.target_head, cfg.depth) for c in chunks]
         totals: dict[str, float] = {}
         for _ in range(cfg.replay_ratio):
             metrics = self._step(batches)
@@ -96,20 +103,25 @@ class Learner:
         return totals
 
     def _step(self, batches) -> dict[str, float]:
+        lr = self._lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = self._lr()
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
-        trainable = self.algorithm.name != "frozen"
+        total_tokens = max(sum(b.num_tokens for b in batches), 1)
         for batch in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16"):
                 logits = unroll(self.draft, batch.ttt, self.config.depth)
-            out = self.algorithm.loss(batch.loss_batch(logits), self.algo_cfg)
-            if trainable and out.loss.requires_grad:
-                (out.loss / len(batches)).backward()
+            out = self.algorithm.loss(batch.loss_batch(logits, self.policy_version), self.algo_cfg)
+            share = batch.num_tokens / total_tokens
+            if out.loss.requires_grad:
+                # Weight micro-batches by their tokens so accumulation equals one big batch.
+                (out.loss * share).backward()
             for k, v in out.metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + v / len(batches)
-        if trainable:
+                metrics[k] = metrics.get(k, 0.0) + v * share
+            metrics["offpolicy/future_versions"] = metrics.get("offpolicy/future_versions", 0.0) + \
+                float((batch.proposal_version > self.policy_version).sum())
+        if any(p.grad is not None for p in self.params):
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip or math.inf)
             metrics["learner/grad_norm"] = float(norm)
             if math.isfinite(float(norm)):
@@ -119,7 +131,7 @@ class Learner:
             else:
                 metrics["learner/skipped_nonfinite"] = 1.0
                 log.warning("skipped an update with non-finite gradient norm %s", norm)
-        metrics["learner/lr"] = self._lr()
+        metrics["learner/lr"] = lr
         metrics["learner/step"] = float(self.step)
         metrics["learner/policy_version"] = float(self.policy_version)
         return metrics

@@ -1,0 +1,149 @@
+"""The driver: wires rollout workers, the trace buffer, the weight store and the learner, then runs.
+
+``run(cfg)`` reads top to bottom: start (or join) Ray, build traffic and the day-0 draft, start the
+actors, serve and learn until the time or request budget is spent, stop the learner (checkpoint and
+EAGLE3 export), evaluate the final draft against no speculation on held-out prompts, and write
+TensorBoard events, ``summary.json`` and ``curves.png`` into the run directory.
+``serve(cfg, ...)`` starts the same actors and exposes worker 0 through the OpenAI-compatible HTTP front.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from omegaconf import OmegaConf
+
+from aurora_rl.config import RunConfig, validate
+from aurora_rl.models.draft import Eagle3Draft
+from aurora_rl.runtime.dispatch import Dispatcher
+from aurora_rl.runtime.factory import initial_draft, load_target_model
+from aurora_rl.runtime.metrics import RunLogger, format_table
+from aurora_rl.runtime.traffic import Traffic, build_traffic, vocab_sample
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RunConfig) -> bool:
+    """Join ``cluster.address`` or start a local Ray; returns True when this call started it."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def start_actors(cfg: RunConfig, draft: Eagle3Draft, head, out: Path) -> dict[str, Any]:
+    from aurora_rl.runtime.buffer import TraceBuffer
+    from aurora_rl.runtime.learner_actor import LearnerActor
+    from aurora_rl.runtime.rollout import RolloutWorker
+    from aurora_rl.runtime.weights import WeightStore
+
+    buffer = ray.remote(TraceBuffer).options(num_cpus=0).remote(cfg.buffer, cfg.seed)
+    store = ray.remote(WeightStore).options(num_cpus=0).remote()
+    initial = (0, [ray.put(draft.state_dict())])
+    ray.get(store.publish.remote(0, initial[1]))
+    c = cfg.cluster
+    workers = [
+        ray.remote(RolloutWorker).options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=-1,
+                                          max_concurrency=8, name=None).remote(
+            i, cfg.model, cfg.engine, draft.config, initial, buffer, store, cfg.seed, max(1, int(c.rollout_cpus)))
+        for i in range(c.rollout_workers)
+    ]
+    learner = ray.remote(LearnerActor).options(num_cpus=c.learner_cpus, num_gpus=c.learner_gpus, max_restarts=-1,
+                                                max_concurrency=4).remote(
+        cfg.learner, cfg.algorithm, cfg.workload, draft.config, initial, [ray.put(head)], buffer, store,
+        str(out / "checkpoints"), max(1, int(c.learner_cpus)))
+    ray.get([w.ping.remote() for w in workers] + [learner.info.remote()])
+    # The constructor arguments must outlive the actors: Ray re-reads them when it restarts one.
+    return {"buffer": buffer, "store": store, "workers": workers, "learner": learner, "initial": initial}
+
+
+def prepare(cfg: RunConfig) -> tuple[Traffic, Eagle3Draft, Any, Any]:
+    """Traffic, the day-0 draft, the target's lm_head (for the learner) and the tokenizer."""
+    target, tokenizer = load_target_model(cfg.model, cfg.seed)
+    traffic = build_traffic(cfg.workload, tokenizer, target.config.vocab_size, cfg.seed)
+    draft = initial_draft(cfg.model, target, vocab_sample(traffic, cfg.model.vocab_sample), cfg.seed)
+    return traffic, draft, target.lm_head.weight.detach().float().clone(), tokenizer
+
+
+def evaluate(cfg: RunConfig, worker, traffic: Traffic) -> dict[str, float]:
+    """Final draft vs no speculation on held-out prompts, on one worker with no other traffic."""
+    prompts = [p for ps in traffic.held_out.values() for p in ps]
+    params = {"max_tokens": cfg.eval.max_tokens, "temperature": 0.0}
+    spec = ray.get(worker.evaluate.remote(prompts, params, cfg.engine.lookahead, cfg.eval.batch_size))
+    plain = ray.get(worker.evaluate.remote(prompts, params, 0, cfg.eval.batch_size))
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    return {"prompts": len(prompts), "lookahead": cfg.engine.lookahead,
+            "accept_length": mean(spec, "accept_length"), "spec_tokens_per_s": mean(spec, "tokens_per_s"),
+            "plain_tokens_per_s": mean(plain, "tokens_per_s"),
+            "speedup": mean(spec, "tokens_per_s") / mean(plain, "tokens_per_s"),
+            "identical_outputs": None}
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    validate(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logger = RunLogger(out, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    traffic, draft, head, _ = prepare(cfg)
+    started = init_ray(cfg)
+    try:
+        actors = start_actors(cfg, draft, head, out)
+        ray.get(actors["learner"].start.remote())
+        dispatch = Dispatcher(cfg, actors, traffic, logger)
+        dispatch.serve_until_budget()
+        final = ray.get(actors["learner"].stop.remote())
+        ray.get(actors["learner"].checkpoint.remote())
+        ray.get(actors["learner"].export.remote(str(out / "draft")))
+        dispatch.drain()
+        summary = {
+            "name": cfg.name, "algorithm": cfg.algorithm.name, "seed": cfg.seed,
+            "requests_served": len(logger.requests), "final_policy_version": final["policy_version"],
+            "learner_steps": final["step"], "start": logger.window("start"), "end": logger.window("end"),
+            "counters": dispatch.counters(), "skipped_prompts": traffic.skipped,
+            "eval": evaluate(cfg, actors["workers"][0], traffic) if cfg.eval.enabled else None,
+            "output_dir": str(out),
+        }
+        for w in actors["workers"]:
+            ray.get(w.shutdown.remote())
+    finally:
+        if started:
+            ray.shutdown()
+    logger.write_summary(summary)
+    logger.plot(out / "curves.png")
+    logger.close()
+    summary["table"] = format_table(summary)
+    return summary
+
+
+def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8000, learn: bool = True,
+          api_key: str | None = None, duration_s: float | None = None) -> None:
+    """Serve the OpenAI-compatible API from worker 0, learning from its traffic unless ``learn`` is off."""
+    validate(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    traffic, draft, head, tokenizer = prepare(cfg)
+    started = init_ray(cfg)
+    try:
+        actors = start_actors(cfg, draft, head, out)
+        if learn:
+            ray.get(actors["learner"].start.remote())
+        name = cfg.model.target if cfg.model.target != "smollm2" else "SmolLM2-135M-Instruct"
+        url = ray.get(actors["workers"][0].start_http.remote(host, port, api_key, name))
+        print(f"serving {name} at {url}/v1 (learning {'on' if learn else 'off'}); Ctrl-C to stop", flush=True)
+        deadline = time.time() + duration_s if duration_s else float("inf")
+        while time.time() < deadline:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,174 @@
+"""RolloutWorker (a Ray actor): one serving replica that records traces and hot-swaps draft weights.
+
+It wraps an EngineLoop over an LLMEngine with a SpecDecoder. Requests arrive by ``submit`` (from the
+driver's workload or the HTTP front); finished ones are collected by ``poll``. At step boundaries it
+pulls newer draft weights from the WeightStore (every ``weight_poll_steps`` steps) and swaps them in
+without pausing the slots in flight, and ships finished traces to the TraceBuffer as object refs.
+When the buffer refuses traces (``block`` policy), the worker holds them and stops stepping until
+they are taken: that is the backpressure. Requests whose id starts with ``eval-`` are served but not
+recorded for learning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import ray
+import torch
+
+from aurora_rl.config import EngineSection, ModelSection
+from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
+from aurora_rl.engine.sequence import RequestOutput, Status
+from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
+from aurora_rl.engine.trace import Trace
+from aurora_rl.models.draft import DraftConfig, Eagle3Draft
+from aurora_rl.runtime.buffer import Entry
+from aurora_rl.runtime.factory import load_target_model
+from aurora_rl.serving.loop import EngineLoop
+
+log = logging.getLogger(__name__)
+MAX_HELD_TRACES = 64
+
+
+def summarize(out: RequestOutput, worker: int, version: int) -> dict[str, Any]:
+    """The small record the driver keeps per finished request."""
+    return {
+        "request_id": out.request_id, "worker": worker, "status": out.status.value,
+        "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
+        "output_tokens": out.num_output_tokens, "accept_length": out.accept_length,
+        "tokens_per_s": out.tokens_per_s, "latency_s": out.latency_s, "verify_steps": out.verify_steps,
+        "accepted_tokens": out.accepted_tokens, "draft_tokens": out.draft_tokens, "policy_version": version,
+        "error": out.error, "t": time.time(),
+    }
+
+
+class RolloutWorker:
+    def __init__(self, index: int, model: ModelSection, engine: EngineSection, draft_config: DraftConfig,
+                 initial: tuple[int, list], buffer: Any, weight_store: Any, seed: int = 0,
+                 threads: int = 1) -> None:
+        torch.set_num_threads(max(1, engine.threads or threads))
+        self.index, self.cfg, self.buffer, self.store = index, engine, buffer, weight_store
+        target, self.tokenizer = load_target_model(model, seed)
+        version, (state_ref,) = initial
+        draft = Eagle3Draft(draft_config)
+        draft.load_state_dict(ray.get(state_ref))
+        draft.to_dtype(target.dtype)
+        self.decoder = SpecDecoder(draft, engine.num_slots, engine.max_len,
+                                   SpecConfig(lookahead=engine.lookahead, capture_traces=engine.capture_traces,
+                                              trace_dtype=engine.trace_dtype),
+                                   trace_sink=self._on_trace, policy_version=version)
+        self.engine = LLMEngine(target, EngineConfig(engine.num_slots, engine.max_len), self.tokenizer, self.decoder)
+        self._lock = threading.Lock()
+        self._held: list[Trace] = []
+        self._done: list[dict] = []
+        self._steps = 0
+        self.swaps, self.swap_ms, self.blocked_s, self.traces_sent = 0, 0.0, 0.0, 0
+        self.loop = EngineLoop(self.engine, before_step=self._before_step).start()
+        self._http = None
+
+    # ---- requests -------------------------------------------------------------------------------
+    def submit(self, requests: list[tuple[str, list[int], dict]]) -> list[str]:
+        """Queue requests; returns the ids refused as invalid (answered as errors by ``poll``)."""
+        refused = []
+        for rid, prompt, params in requests:
+            try:
+                fut = self.loop.submit(prompt, SamplingParams(**params), request_id=rid)
+            except ValueError as exc:
+                refused.append(rid)
+                with self._lock:
+                    self._done.append({"request_id": rid, "worker": self.index, "status": "error",
+                                       "finish_reason": "error", "error": str(exc), "t": time.time()})
+                continue
+            fut.add_done_callback(self._finished)
+        return refused
+
+    def _finished(self, fut) -> None:
+        out: RequestOutput = fut.result()
+        with self._lock:
+            self._done.append(summarize(out, self.index, self.decoder.policy_version))
+
+    def poll(self) -> dict[str, Any]:
+        with self._lock:
+            done, self._done = self._done, []
+        return {"outputs": done, "stats": self.stats()}
+
+    def stats(self) -> dict[str, float]:
+        s = {"system/worker_version": float(self.decoder.policy_version), "system/swaps": float(self.swaps),
+             "system/swap_latency_ms": self.swap_ms, "system/backpressure_s": self.blocked_s,
+             "system/engine_steps": float(self.loop.steps), "system/in_flight": float(self.loop.in_flight()),
+             "system/traces_sent": float(self.traces_sent), "system/traces_held": float(len(self._held))}
+        for j, (p, a) in enumerate(zip(self.decoder.depth_proposed, self.decoder.depth_accepted), start=1):
+            s[f"spec/proposed_depth_{j}"] = float(p)
+            s[f"spec/accepted_depth_{j}"] = float(a)
+        return s
+
+    def ping(self) -> int:
+        return self.index
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    # ---- step boundary: weights in, traces out --------------------------------------------------
+    def _before_step(self) -> None:
+        self._steps += 1
+        if self._steps % self.cfg.weight_poll_steps == 0:
+            self._maybe_swap()
+        self._flush_traces()
+        while len(self._held) >= MAX_HELD_TRACES:
+            t0 = time.perf_counter()
+            time.sleep(0.05)
+            self._flush_traces()
+            self.blocked_s += time.perf_counter() - t0
+
+    def _maybe_swap(self) -> None:
+        newer = ray.get(self.store.get_if_newer.remote(self.decoder.policy_version))
+        if newer is None:
+            return
+        t0 = time.perf_counter()
+        version, (ref,) = newer
+        self.decoder.load_draft_state(ray.get(ref), version)
+        self.swap_ms = (time.perf_counter() - t0) * 1000
+        self.swaps += 1
+
+    def _on_trace(self, trace: Trace) -> None:
+        if trace.request_id.startswith("eval-") or trace.status.value != "finished":
+            return
+        self._held.append(trace)
+
+    def _flush_traces(self) -> None:
+        if not self._held:
+            return
+        entries = [Entry([ray.put(t)], t.nbytes(),
+                         int(t.policy_version.max()) if t.verify_steps else self.decoder.policy_version, t.request_id)
+                   for t in self._held]
+        taken = ray.get(self.buffer.put.remote(entries))
+        self.traces_sent += taken
+        self._held = self._held[taken:]
+
+    # ---- serving over HTTP, evaluation ----------------------------------------------------------
+    def start_http(self, host: str, port: int, api_key: str | None, model_name: str) -> str:
+        from aurora_rl.serving.http import create_app, serve
+
+        app = create_app(self.loop, self.tokenizer, model_name, api_key=api_key)
+        self._http = serve(app, host=host, port=port)
+        return self._http.url
+
+    def evaluate(self, prompts: list[list[int]], params: dict, lookahead: int, batch_size: int) -> list[dict]:
+        """Serve ``prompts`` ``batch_size`` at a time with the given lookahead; no traces are kept."""
+        results = []
+        for i in range(0, len(prompts), batch_size):
+            futs = [self.loop.submit(p, SamplingParams(**params, lookahead=lookahead), request_id=f"eval-{lookahead}-{i + j}")
+                    for j, p in enumerate(prompts[i:i + batch_size])]
+            results += [summarize(f.result(), self.index, self.decoder.policy_version) for f in futs]
+        return results
+
+    def shutdown(self) -> None:
+        if self._http is not None:
+            self._http.stop()
+        self.loop.stop()
+        for seq in list(self.engine.scheduler.running.values()):
+            if seq.status is Status.RUNNING:
+                self.engine.abort(seq.request_id)
