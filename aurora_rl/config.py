@@ -184,10 +184,21 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ValueError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+    import dataclasses
+
     from algorithms import get_algorithm
 
     algo = get_algorithm(cfg.algorithm.name)
-    algo.make_config(**dict(cfg.algorithm.args))
+    args = dict(cfg.algorithm.args)
+    valid = [f.name for f in dataclasses.fields(algo.config_cls) if f.name != "greedy_verify"]
+    unknown = sorted(set(args) - set(valid))
+    if unknown:
+        raise ValueError(f"algorithm.args.{unknown[0]} is not an argument of {cfg.algorithm.name!r}; valid: {valid} "
+                         "(greedy_verify is set from workload.temperature)")
+    try:
+        algo.make_config(**args)
+    except ValueError as err:
+        raise ValueError(f"algorithm.args: {err}") from None
     positive = {"engine.num_slots": cfg.engine.num_slots, "learner.batch_traces": cfg.learner.batch_traces,
                 "learner.depth": cfg.learner.depth, "workload.max_tokens": cfg.workload.max_tokens,
                 "cluster.rollout_workers": cfg.cluster.rollout_workers, "buffer.max_traces": cfg.buffer.max_traces}
@@ -210,7 +221,8 @@ def validate(cfg: RunConfig) -> None:
 
 
 def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore (``conf/config.yaml`` extends ``run_schema``)."""
+    """Register the schema in Hydra's ConfigStore as ``run_schema`` (``conf/`` composes it as group
+    ``schema``, option ``run``, registered by ``aurora_rl.cli.register_schemas``)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()

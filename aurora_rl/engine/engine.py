@@ -103,9 +103,15 @@ class LLMEngine:
                 f"(at least one token must be left to generate)")
         seq = Sequence(list(prompt), params)
         if request_id is not None:
+            if self._known(request_id):
+                raise ValueError(f"request id {request_id!r} is already in use")
             seq.request_id = request_id
         self.scheduler.add(seq)
         return seq.request_id
+
+    def _known(self, request_id: str) -> bool:
+        return any(s.request_id == request_id for s in self.scheduler.waiting) or any(
+            s.request_id == request_id for s in self.scheduler.running.values())
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self.scheduler.abort(request_id)
@@ -163,7 +169,7 @@ class LLMEngine:
     def _hit_stop_string(self, seq: Sequence) -> bool:
         if self.tokenizer is None:
             raise ValueError("stop strings need an engine tokenizer")
-        text = self.tokenizer.decode(seq.output_ids)
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
         if hits:
             seq.text_end = min(hits)
@@ -189,7 +195,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
             if seq.text_end is not None:
-                text = self.tokenizer.decode(seq.output_ids)[: seq.text_end]
+                text = text[: seq.text_end]
         return RequestOutput.from_sequence(seq, text)
 
 

@@ -45,6 +45,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.errors = 0
+        self.hook_errors = 0
 
     def start(self) -> "EngineLoop":
         if self._thread is None:
@@ -53,11 +54,21 @@ class EngineLoop:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop stepping; requests still pending are answered with an error, never left hanging."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._lock:
+            outs = self._fail_all(RuntimeError("engine loop stopped"))
+            pending = [(self._pending.pop(o.request_id, None), o) for o in outs]
+        for p, out in pending:
+            if p is not None and not p.future.done():
+                p.future.set_result(out)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def submit(self, prompt: list[int] | str, params: SamplingParams | None = None,
                request_id: str | None = None, on_delta: DeltaFn | None = None) -> Future:
@@ -88,7 +99,11 @@ class EngineLoop:
                 self._wake.clear()
                 continue
             if self.before_step is not None:
-                self.before_step()
+                try:
+                    self.before_step()
+                except Exception:  # noqa: BLE001 - a failed weight pull must not stop serving
+                    self.hook_errors += 1
+                    log.exception("before_step hook failed; serving goes on with the current draft")
             with self._lock:
                 try:
                     finished = self.engine.step()
@@ -99,13 +114,20 @@ class EngineLoop:
                 deltas = self._collect_deltas()
                 done = [(self._pending.pop(o.request_id, None), o) for o in finished]
             for pending, ids in deltas:
-                pending.on_delta(ids)
+                self._deliver(pending, ids)
             for pending, out in done:
                 if pending is None:
                     continue
                 if pending.on_delta is not None and len(out.output_ids) > pending.sent:
-                    pending.on_delta(out.output_ids[pending.sent:])
+                    self._deliver(pending, out.output_ids[pending.sent:])
                 pending.future.set_result(out)
+
+    def _deliver(self, pending: _Pending, ids: list[int]) -> None:
+        try:
+            pending.on_delta(ids)
+        except Exception:  # noqa: BLE001 - one consumer's bug must not stop the loop for everyone
+            self.hook_errors += 1
+            log.exception("on_delta callback failed")
 
     def _collect_deltas(self) -> list[tuple[_Pending, list[int]]]:
         out = []
