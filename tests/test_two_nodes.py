@@ -27,9 +27,9 @@ def test_run_on_two_node_cluster(tmp_path):
         worker_node = ray.get(actors["workers"][0].node_id.remote())
         learner_node = ray.get(actors["learner"].info.remote())["node_id"]
         assert worker_node != learner_node  # one CPU per node: they cannot share one
-        for a in actors["workers"] + [actors["learner"]]:
-            ray.kill(a)
-        from aurora_rl.runtime.driver import run
+        from aurora_rl.runtime.driver import run, stop_actors
+
+        stop_actors(actors)
 
         s = run(cfg)
         assert s["counters"]["answered"] == 12 and s["final_policy_version"] >= 1

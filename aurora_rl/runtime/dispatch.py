@@ -50,7 +50,7 @@ class Dispatcher:
                 break
             self._feed()
             self._poll_workers()
-            self._poll_learner()
+            self.poll_learner()
             time.sleep(POLL_S)
 
     def drain(self, timeout_s: float = 300.0) -> None:
@@ -114,29 +114,21 @@ class Dispatcher:
         """Wait for Ray to restart worker ``i``, then hand it back every request it had not answered."""
         self.worker_restarts += 1
         log.warning("rollout worker %d died; waiting for its restart", i)
-        end = time.time() + RESTART_TIMEOUT_S
-        while True:
-            try:
-                ray.get(self.workers[i].ping.remote(), timeout=RPC_TIMEOUT_S)
-                break
-            except (RayActorError, GetTimeoutError):
-                if time.time() > end:
-                    raise
-                time.sleep(1.0)
+        wait_alive(self.workers[i].ping)
         pending = [(rid, ids, p) for rid, (ids, p) in self.in_flight[i].items()]
         self.retried += len(pending)
         if pending:
             ray.get(self.workers[i].submit.remote(pending), timeout=RPC_TIMEOUT_S)
 
     # ---- learner and system scalars -------------------------------------------------------------
-    def _poll_learner(self) -> None:
+    def poll_learner(self) -> None:
         learner = self.actors["learner"]
         try:
             res = ray.get(learner.poll.remote(), timeout=RPC_TIMEOUT_S)
         except (RayActorError, GetTimeoutError):
             self.learner_restarts += 1
             log.warning("learner died; it resumes from its last checkpoint")
-            ray.get(learner.info.remote(), timeout=RESTART_TIMEOUT_S)
+            wait_alive(learner.info)
             ray.get(learner.start.remote())
             return
         if res["error"]:
@@ -145,3 +137,15 @@ class Dispatcher:
             self.logger.scalars(m, prefix="learner/")
         self.logger.scalars(ray.get(self.actors["buffer"].stats.remote()), prefix="system/")
         self.logger.scalars(ray.get(self.actors["store"].stats.remote()), prefix="system/")
+
+
+def wait_alive(method) -> Any:
+    """Call an actor method until the actor answers (Ray restarts it meanwhile); raise after the limit."""
+    end = time.time() + RESTART_TIMEOUT_S
+    while True:
+        try:
+            return ray.get(method.remote(), timeout=RPC_TIMEOUT_S)
+        except (RayActorError, GetTimeoutError):
+            if time.time() > end:
+                raise
+            time.sleep(1.0)

@@ -50,6 +50,7 @@ def start_actors(cfg: RunConfig, draft: Eagle3Draft, head, out: Path) -> dict[st
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     initial = (0, [ray.put(draft.state_dict())])
     ray.get(store.publish.remote(0, initial[1]))
+    head_ref = [ray.put(head)]
     c = cfg.cluster
     workers = [
         ray.remote(RolloutWorker).options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=-1,
@@ -59,11 +60,20 @@ def start_actors(cfg: RunConfig, draft: Eagle3Draft, head, out: Path) -> dict[st
     ]
     learner = ray.remote(LearnerActor).options(num_cpus=c.learner_cpus, num_gpus=c.learner_gpus, max_restarts=-1,
                                                 max_concurrency=4).remote(
-        cfg.learner, cfg.algorithm, cfg.workload, draft.config, initial, [ray.put(head)], buffer, store,
+        cfg.learner, cfg.algorithm, cfg.workload, draft.config, initial, head_ref, buffer, store,
         str(out / "checkpoints"), max(1, int(c.learner_cpus)))
     ray.get([w.ping.remote() for w in workers] + [learner.info.remote()])
     # The constructor arguments must outlive the actors: Ray re-reads them when it restarts one.
-    return {"buffer": buffer, "store": store, "workers": workers, "learner": learner, "initial": initial}
+    return {"buffer": buffer, "store": store, "workers": workers, "learner": learner, "initial": initial,
+            "head": head_ref}
+
+
+def stop_actors(actors: dict[str, Any]) -> None:
+    """Kill the run's actors (they hold CPUs in a cluster that outlives the run)."""
+    for key in ("workers", "learner", "buffer", "store"):
+        for actor in actors.get(key, []) if key == "workers" else [actors.get(key)]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
 
 
 def prepare(cfg: RunConfig) -> tuple[Traffic, Eagle3Draft, Any, Any]:
@@ -95,12 +105,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     logger = RunLogger(out, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     traffic, draft, head, _ = prepare(cfg)
     started = init_ray(cfg)
+    actors: dict[str, Any] = {}
     try:
         actors = start_actors(cfg, draft, head, out)
         ray.get(actors["learner"].start.remote())
         dispatch = Dispatcher(cfg, actors, traffic, logger)
         dispatch.serve_until_budget()
         final = ray.get(actors["learner"].stop.remote())
+        dispatch.poll_learner()  # metrics of the last updates
         ray.get(actors["learner"].checkpoint.remote())
         ray.get(actors["learner"].export.remote(str(out / "draft")))
         dispatch.drain()
@@ -115,6 +127,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         for w in actors["workers"]:
             ray.get(w.shutdown.remote())
     finally:
+        stop_actors(actors)
         if started:
             ray.shutdown()
     logger.write_summary(summary)
@@ -132,6 +145,7 @@ def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8000, learn: bool
     out.mkdir(parents=True, exist_ok=True)
     traffic, draft, head, tokenizer = prepare(cfg)
     started = init_ray(cfg)
+    actors: dict[str, Any] = {}
     try:
         actors = start_actors(cfg, draft, head, out)
         if learn:
@@ -145,5 +159,6 @@ def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8000, learn: bool
     except KeyboardInterrupt:
         pass
     finally:
+        stop_actors(actors)
         if started:
             ray.shutdown()

@@ -62,6 +62,7 @@ class RolloutWorker:
                                    trace_sink=self._on_trace, policy_version=version)
         self.engine = LLMEngine(target, EngineConfig(engine.num_slots, engine.max_len), self.tokenizer, self.decoder)
         self._lock = threading.Lock()
+        self._trace_lock = threading.Lock()
         self._held: list[Trace] = []
         self._done: list[dict] = []
         self._steps = 0
@@ -91,6 +92,7 @@ class RolloutWorker:
             self._done.append(summarize(out, self.index, self.decoder.policy_version))
 
     def poll(self) -> dict[str, Any]:
+        self._flush_traces()  # an idle engine takes no steps, so its last traces leave from here
         with self._lock:
             done, self._done = self._done, []
         return {"outputs": done, "stats": self.stats()}
@@ -136,17 +138,19 @@ class RolloutWorker:
     def _on_trace(self, trace: Trace) -> None:
         if trace.request_id.startswith("eval-") or trace.status.value != "finished":
             return
-        self._held.append(trace)
+        with self._trace_lock:
+            self._held.append(trace)
 
     def _flush_traces(self) -> None:
-        if not self._held:
-            return
-        entries = [Entry([ray.put(t)], t.nbytes(),
-                         int(t.policy_version.max()) if t.verify_steps else self.decoder.policy_version, t.request_id)
-                   for t in self._held]
-        taken = ray.get(self.buffer.put.remote(entries))
-        self.traces_sent += taken
-        self._held = self._held[taken:]
+        with self._trace_lock:
+            if not self._held:
+                return
+            entries = [Entry([ray.put(t)], t.nbytes(),
+                             int(t.policy_version.max()) if t.verify_steps else self.decoder.policy_version,
+                             t.request_id) for t in self._held]
+            taken = ray.get(self.buffer.put.remote(entries))
+            self.traces_sent += taken
+            self._held = self._held[taken:]
 
     # ---- serving over HTTP, evaluation ----------------------------------------------------------
     def start_http(self, host: str, port: int, api_key: str | None, model_name: str) -> str:
