@@ -55,6 +55,9 @@ class EngineSection:
     """Torch threads per worker (0 = the actor's CPU share)."""
     weight_poll_steps: int = 4
     """Engine steps between checks for newer draft weights."""
+    sglang: dict[str, Any] = field(default_factory=dict)
+    """``engine.kind=sglang`` only: server arguments (tp_size, mem_fraction_static, dtype, ...), checked by
+    ``aurora_rl.sglang.args.SGLangServerConfig`` before launch."""
 
 
 @dataclass
