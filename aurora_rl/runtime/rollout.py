@@ -60,6 +60,10 @@ class RolloutWorker:
                                    SpecConfig(lookahead=engine.lookahead, capture_traces=engine.capture_traces,
                                               trace_dtype=engine.trace_dtype),
                                    trace_sink=self._on_trace, policy_version=version)
+        if engine.adaptive_lookahead:
+            from aurora_rl.engine.adaptive import AdaptiveLookahead
+
+            AdaptiveLookahead(engine.lookahead).attach(self.decoder)
         self.engine = LLMEngine(target, EngineConfig(engine.num_slots, engine.max_len), self.tokenizer, self.decoder)
         self._lock = threading.Lock()
         self._trace_lock = threading.Lock()

@@ -1,0 +1,263 @@
+"""Adaptive lookahead: pick each step's k from measured acceptance and measured step cost, for tokens/s.
+
+Plugged into a ``SpecDecoder`` with ``AdaptiveLookahead(K).attach(decoder)``: the controller becomes the
+decoder's ``lookahead_fn`` and wraps its ``decode`` to time every step and read the step's deltas of
+the decoder's per-depth counters. ``detach`` (or ``decoder.lookahead_fn = None``) switches it off and
+the decoder's fixed ``SpecConfig.lookahead`` applies again. Requests that set ``lookahead`` themselves
+(evaluations at a fixed k) keep it.
+
+Model, per batch size B and lookahead k in 0..K (one k for the whole batch):
+
+- Acceptance: alpha_j, the probability that the depth-j proposal is accepted given that depth j-1
+  was. From discounted per-depth counts (P_j proposed, A_j accepted; discount 1 - 1/horizon per step
+  that proposed at depth j, and capped at ``max_evidence`` proposals so that a past of large batches
+  cannot outweigh new evidence for long): alpha_j = (A_j + w*pi_j) / (P_j * p_{j-1} + w), with
+  p_{j-1} = A_{j-1}/P_{j-1} the measured rate of reaching depth j-1, shrunk toward pi_1 =
+  ``prior_acceptance`` and, deeper, pi_j = alpha_{j-1} (a geometric tail where nothing was measured).
+  Expected tokens per step: E[k] = 1 + sum_{j<=k} prod_{l<=j} alpha_l.
+- Cost: wall time of ``decode`` (propose, verify k+1, draft extend) as an EMA per (B bucket, k),
+  buckets being powers of two of B. An unmeasured k is extrapolated from the nearest measured k with
+  the bucket's least-squares slope (clamped >= 0; ``prior_slope`` x the step time when only one k is
+  measured), an unmeasured bucket borrows the nearest measured bucket's curve. Only ratios between
+  ks matter, so borrowed absolute times do no harm.
+- Choice: k* = argmax_k B*E[k]/t(B, k); B cancels. Ties within ``min_gain`` go to the smaller k,
+  so timing noise never buys speculation that does not pay: with a useless draft (alpha ~ 0, E[k] ~ 1)
+  and t growing with k the answer is k = 0 at every batch size.
+- Exploration: the prior is optimistic (alpha 0.6, cheap extra tokens), so new (bucket, k) cells get
+  tried; on top, with probability eps = max(eps_min, eps0 * d / (d + steps)) a step uses a neighbour
+  k* +- 1. The floor never decays: at k* = 0 the occasional k = 1 step keeps alpha_1 measured, so a
+  draft that learns (or is hot-swapped) is noticed. Its cost is bounded: eps_min of the steps at a
+  neighbouring k.
+
+Not modelled: engine time outside ``decode`` (scheduling, prefill), which only makes the choice
+conservative; greedy and sampled requests share one acceptance model. Note that ``SpecDecoder`` at
+k = 0 still runs one draft extend per step to keep the draft cache in sync: that overhead is part of
+the measured cost of k = 0 and is the gap left to plain decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from aurora_rl.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def expected_tokens(alphas: list[float], k: int) -> float:
+    """Expected tokens one verify step emits with lookahead k: 1 + sum_{j<=k} prod_{l<=j} alpha_l."""
+    if not 0 <= k <= len(alphas):
+        raise ValueError(f"lookahead k={k} must be in [0, {len(alphas)}] (the depths with an acceptance rate)")
+    total, reach = 1.0, 1.0
+    for a in alphas[:k]:
+        reach *= a
+        total += reach
+    return total
+
+
+def best_lookahead(alphas: list[float], costs: list[float], min_gain: float = 0.0) -> int:
+    """The k in 0..len(costs)-1 with most expected tokens per second, ``costs[k]`` the step time at k.
+
+    The batch size multiplies every k's throughput alike, so it drops out. The smallest k within a
+    factor ``1 + min_gain`` of the best wins.
+    """
+    if not costs or min(costs) <= 0:
+        raise ValueError(f"costs must be a non-empty list of positive step times, got {costs}")
+    thr = [expected_tokens(alphas, k) / c for k, c in enumerate(costs)]
+    best = max(thr)
+    return next(k for k, t in enumerate(thr) if t * (1.0 + min_gain) >= best)
+
+
+def acceptance_rates(proposed: list[float], accepted: list[float], prior: float, prior_weight: float) -> list[float]:
+    """Conditional acceptance per depth from (discounted) per-depth counts, shrunk toward a prior.
+
+    ``accepted[j]`` counts depth-(j+1) proposals accepted (all shallower ones were too), so
+    ``accepted[j] / proposed[j]`` is the rate of reaching depth j+1; alpha is its ratio to the previous
+    depth's rate. Depths without data get the previous depth's alpha.
+    """
+    alphas, reach, pi = [], 1.0, prior
+    for p, a in zip(proposed, accepted):
+        alpha = min(max((a + prior_weight * pi) / (p * reach + prior_weight), 0.0), 1.0)
+        alphas.append(alpha)
+        reach = a / p if p > 0 else reach * alpha
+        pi = alpha
+    return alphas
+
+
+def predict_costs(cells: dict[int, tuple[float, float]], max_lookahead: int, prior_slope: float) -> list[float]:
+    """Step time for k = 0..K from measured cells {k: (mean seconds, weight)}; unmeasured ks extrapolated."""
+    if not cells:
+        return [1.0 + prior_slope * k for k in range(max_lookahead + 1)]
+    ks = sorted(cells)
+    if len(ks) == 1:
+        slope = prior_slope * cells[ks[0]][0] / (1.0 + prior_slope * ks[0])
+    else:
+        w = sum(cells[k][1] for k in ks)
+        km = sum(k * cells[k][1] for k in ks) / w
+        tm = sum(cells[k][0] * cells[k][1] for k in ks) / w
+        var = sum(cells[k][1] * (k - km) ** 2 for k in ks)
+        slope = max(0.0, sum(cells[k][1] * (k - km) * (cells[k][0] - tm) for k in ks) / var)
+    floor = 0.5 * min(t for t, _ in cells.values())
+    out = []
+    for k in range(max_lookahead + 1):
+        if k in cells:
+            out.append(cells[k][0])
+            continue
+        near = min(ks, key=lambda m: (abs(m - k), m))
+        out.append(max(cells[near][0] + slope * (k - near), floor))
+    return out
+
+
+@dataclass(slots=True)
+class AdaptiveConfig:
+    """Settings of the adaptive lookahead controller (the defaults suit a CPU or a GPU engine)."""
+
+    prior_acceptance: float = 0.6
+    """Acceptance assumed at depth 1 before any measurement (optimistic, so k > 0 gets tried)."""
+    prior_weight: float = 2.0
+    """Pseudo-proposals behind the prior at each depth."""
+    prior_slope: float = 0.1
+    """Assumed extra step time per lookahead token, as a fraction of the k = 0 step, before it is measured."""
+    horizon: int = 200
+    """Steps of memory of the acceptance counts (per-step discount 1 - 1/horizon), to follow a learning draft."""
+    max_evidence: float = 400.0
+    """Most proposals the acceptance estimate at one depth remembers (bounds the inertia of big batches)."""
+    cost_horizon: int = 50
+    """Steps of memory of each (batch bucket, k) step-time average."""
+    epsilon: float = 0.1
+    """Initial probability of an exploration step at k* +- 1."""
+    epsilon_min: float = 0.02
+    """Exploration floor (never decays below): keeps acceptance at k* + 1 measured."""
+    epsilon_decay_steps: int = 100
+    """Steps over which exploration halves: eps = max(eps_min, eps0 * d / (d + steps))."""
+    min_gain: float = 0.02
+    """Relative throughput gain a larger k must promise over a smaller one to be chosen."""
+    seed: int = 0
+    """Seed of the exploration draws."""
+
+    def __post_init__(self) -> None:
+        for name in ("prior_acceptance", "epsilon", "epsilon_min"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        for name in ("prior_weight", "prior_slope", "min_gain"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.max_evidence <= 0:
+            raise ValueError(f"max_evidence={self.max_evidence} must be > 0")
+        for name in ("horizon", "cost_horizon", "epsilon_decay_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+class AdaptiveLookahead:
+    """Chooses each step's lookahead in 0..max_lookahead; a ``SpecDecoder.lookahead_fn`` (see module doc)."""
+
+    def __init__(self, max_lookahead: int, config: AdaptiveConfig | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if max_lookahead < 0:
+            raise ValueError(f"max_lookahead must be >= 0, got {max_lookahead}")
+        self.max_lookahead = max_lookahead
+        self.config = config or AdaptiveConfig()
+        self.clock = clock
+        self.steps = 0
+        self.explored = 0
+        self.last_k = 0
+        self._rng = random.Random(self.config.seed)
+        self._proposed = [0.0] * max_lookahead
+        self._accepted = [0.0] * max_lookahead
+        self._cost: dict[int, dict[int, list[float]]] = {}
+        """bucket -> k -> [mean seconds, count]."""
+
+    # ---- the model ------------------------------------------------------------------------------
+    def alphas(self) -> list[float]:
+        cfg = self.config
+        return acceptance_rates(self._proposed, self._accepted, cfg.prior_acceptance, cfg.prior_weight)
+
+    def costs(self, batch: int) -> list[float]:
+        """Predicted step time for k = 0..K at this batch size (from the nearest measured bucket)."""
+        b = _bucket(batch)
+        if b not in self._cost and self._cost:
+            b = min(self._cost, key=lambda m: (abs(m - b), m))
+        cells = {k: (m, n) for k, (m, n) in self._cost.get(b, {}).items()}
+        return predict_costs(cells, self.max_lookahead, self.config.prior_slope)
+
+    def expected_tokens_per_s(self, batch: int, k: int) -> float:
+        return batch * expected_tokens(self.alphas(), k) / self.costs(batch)[k]
+
+    # ---- acting and observing -------------------------------------------------------------------
+    def choose(self, batch: int) -> int:
+        """This step's k: the model's best, or with probability eps a neighbour of it."""
+        cfg, K = self.config, self.max_lookahead
+        k = best_lookahead(self.alphas(), self.costs(batch), cfg.min_gain)
+        eps = max(cfg.epsilon_min, cfg.epsilon * cfg.epsilon_decay_steps / (cfg.epsilon_decay_steps + self.steps))
+        self.steps += 1
+        if K > 0 and self._rng.random() < eps:
+            k = 1 if k == 0 else K - 1 if k == K else k + self._rng.choice((-1, 1))
+            self.explored += 1
+        if k != self.last_k:
+            log.debug("lookahead %d -> %d at batch %d", self.last_k, k, batch)
+        self.last_k = k
+        return k
+
+    def __call__(self, seqs: list[Sequence]) -> list[int]:
+        if not seqs:
+            return []
+        k = self.choose(len(seqs))
+        return [k if s.params.lookahead is None else s.params.lookahead for s in seqs]
+
+    def observe(self, batch: int, k: int, seconds: float, proposed: list[int], accepted: list[int]) -> None:
+        """Record one step: batch size, the largest k any row used, its wall time, per-depth counts."""
+        if batch < 1 or k < 0 or seconds <= 0:
+            raise ValueError(f"observe needs batch >= 1, k >= 0, seconds > 0; got {batch}, {k}, {seconds}")
+        keep, cap = 1.0 - 1.0 / self.config.horizon, self.config.max_evidence
+        for j in range(min(len(proposed), self.max_lookahead)):
+            if proposed[j] > 0:
+                p = keep * self._proposed[j] + proposed[j]
+                a = keep * self._accepted[j] + accepted[j]
+                scale = min(1.0, cap / p)
+                self._proposed[j], self._accepted[j] = p * scale, a * scale
+        if k <= self.max_lookahead:
+            cell = self._cost.setdefault(_bucket(batch), {}).setdefault(k, [0.0, 0])
+            cell[1] += 1
+            cell[0] += (seconds - cell[0]) / min(cell[1], self.config.cost_horizon)
+
+    # ---- plugging into a decoder ----------------------------------------------------------------
+    def attach(self, decoder) -> "AdaptiveLookahead":
+        """Become ``decoder.lookahead_fn`` and time its ``decode`` steps; returns the controller."""
+        if not hasattr(decoder, "depth_proposed"):
+            raise ValueError(f"{type(decoder).__name__} has no depth counters; attach to a SpecDecoder")
+        if "decode" in vars(decoder):
+            raise ValueError("decoder already has a wrapped decode (attached twice?)")
+        inner = decoder.decode
+
+        def decode(engine, seqs: list[Sequence]) -> None:
+            p0, a0 = list(decoder.depth_proposed), list(decoder.depth_accepted)
+            t0 = self.clock()
+            inner(engine, seqs)
+            seconds = self.clock() - t0
+            dp, da = _delta(decoder.depth_proposed, p0), _delta(decoder.depth_accepted, a0)
+            # A proposal at depth j implies one at every shallower depth: k is the deepest proposed.
+            self.observe(len(seqs), sum(1 for x in dp if x > 0), max(seconds, 1e-9), dp, da)
+
+        decoder.decode = decode
+        decoder.lookahead_fn = self
+        return self
+
+    def detach(self, decoder) -> None:
+        """Switch off: the decoder's fixed lookahead and unwrapped ``decode`` again."""
+        vars(decoder).pop("decode", None)
+        if decoder.lookahead_fn is self:
+            decoder.lookahead_fn = None
+
+
+def _bucket(batch: int) -> int:
+    """Power-of-two batch bucket: 1, 2-3, 4-7, ..."""
+    return max(batch, 1).bit_length() - 1
+
+
+def _delta(now: list[int], before: list[int]) -> list[int]:
+    return [n - (before[j] if j < len(before) else 0) for j, n in enumerate(now)]

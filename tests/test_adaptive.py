@@ -1,0 +1,207 @@
+"""Adaptive lookahead: the pure math by hand, the controller's choices, and lossless outputs in the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
+from aurora_rl.engine.adaptive import (AdaptiveConfig, AdaptiveLookahead, acceptance_rates, best_lookahead,
+                                       expected_tokens, predict_costs)
+from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
+from tests.conftest import tiny_target
+from tests.test_engine import prompts
+from tests.test_speculative import OracleDecoder, make_draft
+
+
+class StepClock:
+    """Fake clock for the wrapped decode (called at step start, then step end): a step 'takes'
+    ``base + per_token * k`` seconds, k the deepest proposal in the decoder's counters that step."""
+
+    def __init__(self, decoder, per_token: float, base: float = 1.0) -> None:
+        self.decoder, self.per_token, self.base = decoder, per_token, base
+        self.now, self.calls, self.ks, self._before = 0.0, 0, [], []
+
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.calls % 2:
+            self._before = list(self.decoder.depth_proposed)
+        else:
+            before = self._before + [0] * (len(self.decoder.depth_proposed) - len(self._before))
+            k = sum(1 for n, b in zip(self.decoder.depth_proposed, before) if n > b)
+            self.ks.append(k)
+            self.now += self.base + self.per_token * k
+        return self.now
+
+
+@pytest.mark.unit
+def test_expected_tokens_by_hand():
+    alphas = [0.8, 0.5, 0.5]
+    assert expected_tokens(alphas, 0) == 1.0
+    assert expected_tokens(alphas, 1) == pytest.approx(1.8)
+    assert expected_tokens(alphas, 2) == pytest.approx(1.8 + 0.4)
+    assert expected_tokens(alphas, 3) == pytest.approx(1.8 + 0.4 + 0.2)
+    with pytest.raises(ValueError, match="k=4"):
+        expected_tokens(alphas, 4)
+
+
+@pytest.mark.unit
+def test_best_lookahead_by_hand():
+    alphas = [0.8, 0.5, 0.5]
+    # tokens/s: 1/1, 1.8/1.2 = 1.5, 2.2/1.5 = 1.467, 2.4/2.0 = 1.2
+    assert best_lookahead(alphas, [1.0, 1.2, 1.5, 2.0]) == 1
+    # verifying more is nearly free: 2.4/1.05 beats 2.2/1.04 and 1.8/1.02
+    assert best_lookahead(alphas, [1.0, 1.02, 1.04, 1.05]) == 3
+    # an untrained draft: E[k] = 1 for all k, any cost growth means no speculation
+    assert best_lookahead([0.0] * 3, [1.0, 1.01, 1.02, 1.03]) == 0
+    # k=1 promises 1.5 vs 1.467 at k=2: within a 5% margin the smaller k wins, k=0 (1.0) does not
+    assert best_lookahead(alphas, [1.0, 1.2, 1.5, 2.0], min_gain=0.05) == 1
+    assert best_lookahead(alphas, [1.0, 1.2, 1.5, 2.0], min_gain=0.6) == 0
+    with pytest.raises(ValueError, match="positive"):
+        best_lookahead(alphas, [1.0, 0.0])
+
+
+@pytest.mark.unit
+def test_acceptance_rates_by_hand():
+    proposed, accepted = [10, 10, 5], [8, 4, 1]
+    # reach rates 0.8, 0.4, 0.2 -> conditional 0.8, 0.5, 0.5
+    assert acceptance_rates(proposed, accepted, 0.6, 0.0) == pytest.approx([0.8, 0.5, 0.5])
+    # with 2 pseudo-counts: (8 + 1.2) / 12; (4 + 2*a1) / (10*0.8 + 2); (1 + 2*a2) / (5*0.4 + 2)
+    a1 = 9.2 / 12
+    a2 = (4 + 2 * a1) / 10
+    a3 = (1 + 2 * a2) / 4
+    assert acceptance_rates(proposed, accepted, 0.6, 2.0) == pytest.approx([a1, a2, a3])
+    # nothing measured: the prior at depth 1, then its geometric continuation
+    assert acceptance_rates([0, 0], [0, 0], 0.6, 2.0) == pytest.approx([0.6, 0.6])
+    # depth 1 measured useless, depth 2 never tried: depth 2 inherits depth 1's low rate
+    a1 = (0 + 1.2) / (100 + 2)
+    assert acceptance_rates([100, 0], [0, 0], 0.6, 2.0) == pytest.approx([a1, a1])
+
+
+@pytest.mark.unit
+def test_predict_costs_by_hand():
+    assert predict_costs({}, 2, 0.1) == pytest.approx([1.0, 1.1, 1.2])
+    # one measured k: prior slope relative to that step's time
+    assert predict_costs({0: (2.0, 5)}, 2, 0.1) == pytest.approx([2.0, 2.2, 2.4])
+    assert predict_costs({1: (2.2, 5)}, 2, 0.1) == pytest.approx([2.0, 2.2, 2.4])
+    # two measured ks: least-squares slope 0.5, extrapolated from the nearest measured k
+    assert predict_costs({0: (1.0, 1), 2: (2.0, 1)}, 3, 0.1) == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    # a timing that falls with k is noise: slope clamped at 0
+    assert predict_costs({0: (2.0, 1), 1: (1.0, 1)}, 2, 0.1) == pytest.approx([2.0, 1.0, 1.0])
+
+
+@pytest.mark.unit
+def test_config_and_bounds_errors():
+    with pytest.raises(ValueError, match="max_lookahead"):
+        AdaptiveLookahead(-1)
+    with pytest.raises(ValueError, match="epsilon=1.5"):
+        AdaptiveConfig(epsilon=1.5)
+    with pytest.raises(ValueError, match="horizon=0"):
+        AdaptiveConfig(horizon=0)
+    with pytest.raises(ValueError, match="seconds"):
+        AdaptiveLookahead(2).observe(1, 0, 0.0, [], [])
+
+
+@pytest.mark.unit
+def test_exploration_stays_in_range_and_visits_neighbours():
+    ctrl = AdaptiveLookahead(5, AdaptiveConfig(epsilon=1.0, epsilon_min=1.0))
+    # the prior's best is k = 3 (tokens/s 2.18 / 1.3); always exploring means 2 or 4, never 3 or beyond 0..5
+    assert best_lookahead(ctrl.alphas(), ctrl.costs(1)) == 3
+    assert {ctrl.choose(b) for b in (1, 2, 5, 9) for _ in range(50)} == {2, 4}
+    ctrl = AdaptiveLookahead(3, AdaptiveConfig(epsilon=1.0, epsilon_min=1.0))
+    assert {ctrl.choose(1) for _ in range(20)} == {2}  # from k* = K only down
+    for _ in range(50):  # make k = 0 best: useless draft, costs grow
+        ctrl.observe(1, 1, 1.5, [1], [0])
+        ctrl.observe(1, 0, 1.0, [], [])
+    assert {ctrl.choose(1) for _ in range(20)} == {1}  # always exploring, from k* = 0 only to 1
+    assert {AdaptiveLookahead(0, AdaptiveConfig(epsilon=1.0)).choose(4) for _ in range(20)} == {0}
+
+
+@pytest.mark.unit
+def test_choice_depends_on_batch_size():
+    """High acceptance; at batch 1 extra verified tokens are cheap, at batch 16 they cost as much as a step."""
+    ctrl = AdaptiveLookahead(4, AdaptiveConfig(epsilon=0.0, epsilon_min=0.0))
+    for _ in range(30):
+        for k in range(5):
+            ctrl.observe(1, k, 1.0 + 0.05 * k, [10] * k, [9, 8, 7, 6][:k])
+            ctrl.observe(16, k, 1.0 + 1.0 * k, [160] * k, [144, 128, 112, 96][:k])
+    assert ctrl.alphas()[0] == pytest.approx(0.9, abs=0.01)
+    assert ctrl.choose(1) == 4 and ctrl.choose(20) == 0
+    assert ctrl(_seqs(16, pinned=2)) == [0] * 15 + [2]  # a request's own lookahead is kept
+    # a draft that stops being accepted: the batch-1 choice falls back to no speculation
+    ks = []
+    for _ in range(300):
+        k = ctrl.choose(1)
+        ks.append(k)
+        ctrl.observe(1, k, 1.0 + 0.05 * k, [10] * k, [0] * k)
+    assert ks[0] == 4 and ks[-50:] == [0] * 50
+
+
+def _seqs(n, pinned):
+    from aurora_rl.engine.sequence import Sequence
+
+    return [Sequence([1, 2], SamplingParams(lookahead=pinned if i == n - 1 else None)) for i in range(n)]
+
+
+def _plain(model, ps, sp, slots=3):
+    return [o.output_ids for o in LLMEngine(model, EngineConfig(num_slots=slots, max_len=64)).generate(ps, sp)]
+
+
+@pytest.mark.unit
+def test_random_draft_converges_to_no_speculation_and_stays_lossless():
+    model, _ = tiny_target()
+    ps, sp = prompts(6), SamplingParams(max_tokens=40, ignore_eos=True)
+    dec = SpecDecoder(make_draft(model), 3, 64, SpecConfig(lookahead=4, capture_traces=False))
+    clock = StepClock(dec, per_token=0.3)
+    ctrl = AdaptiveLookahead(4, clock=clock).attach(dec)
+    outs = LLMEngine(model, EngineConfig(num_slots=3, max_len=64), decoder=dec).generate(ps, sp)
+    assert [o.output_ids for o in outs] == _plain(model, ps, sp)
+    assert ctrl.alphas()[0] < 0.1
+    assert best_lookahead(ctrl.alphas(), ctrl.costs(3)) == 0
+    assert len(clock.ks) > 60 and clock.ks[0] > 0  # the optimistic prior tries speculation first
+    late = clock.ks[20:]
+    assert sum(k == 0 for k in late) >= 0.8 * len(late), clock.ks
+
+
+@pytest.mark.unit
+def test_high_acceptance_with_cheap_verify_speculates():
+    model, _ = tiny_target()
+    ps, sp = prompts(4), SamplingParams(max_tokens=40, ignore_eos=True)
+    base = _plain(model, ps, sp, slots=2)
+    truth = {tuple(p): o for p, o in zip(ps, base)}
+    dec = OracleDecoder(make_draft(model), 2, 64, SpecConfig(lookahead=1, capture_traces=False), truth=truth,
+                        corrupt_every=1000)
+    clock = StepClock(dec, per_token=0.05)
+    ctrl = AdaptiveLookahead(4, clock=clock).attach(dec)
+    outs = LLMEngine(model, EngineConfig(num_slots=2, max_len=64), decoder=dec).generate(ps, sp)
+    assert [o.output_ids for o in outs] == base
+    assert ctrl.alphas()[0] > 0.9
+    assert best_lookahead(ctrl.alphas(), ctrl.costs(2)) == 4
+    late = clock.ks[len(clock.ks) // 2:]
+    assert sum(k >= 3 for k in late) >= 0.7 * len(late), clock.ks  # k is capped by room near the end
+
+
+@pytest.mark.unit
+def test_switching_off_restores_fixed_lookahead():
+    model, _ = tiny_target()
+    ps, sp = prompts(3), SamplingParams(max_tokens=12, ignore_eos=True)
+    dec = SpecDecoder(make_draft(model), 3, 64, SpecConfig(lookahead=2, capture_traces=False))
+    ctrl = AdaptiveLookahead(4)  # real clock
+    with pytest.raises(ValueError, match="SpecDecoder"):
+        ctrl.attach(object())
+    ctrl.attach(dec)
+    with pytest.raises(ValueError, match="attached twice"):
+        ctrl.attach(dec)
+    engine = LLMEngine(model, EngineConfig(num_slots=3, max_len=64), decoder=dec)
+    assert [o.output_ids for o in engine.generate(ps, sp)] == _plain(model, ps, sp)
+    assert ctrl.steps > 0 and ctrl.costs(3)[0] < 1.0  # measured seconds replaced the unitless prior
+    ctrl.detach(dec)
+    assert dec.lookahead_fn is None and "decode" not in vars(dec)
+    steps = ctrl.steps
+    before = _pad(dec.depth_proposed)
+    assert [o.output_ids for o in engine.generate(ps, sp)] == _plain(model, ps, sp)
+    grown = [n - b for n, b in zip(_pad(dec.depth_proposed), before)]
+    assert ctrl.steps == steps and grown[0] >= grown[1] > 0 and grown[2:] == [0] * 6
+
+
+def _pad(counts):
+    return list(counts) + [0] * (8 - len(counts))
