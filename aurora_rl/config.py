@@ -81,7 +81,7 @@ class LearnerSection:
     depth: int = 5
     dtype: str = "float32"
     grad_accum: int = 1
-    replay_ratio: int = 4
+    replay_ratio: int = 2
     """Optimizer passes over each batch of traces."""
     batch_traces: int = 8
     """Traces per learner batch."""
