@@ -34,6 +34,7 @@ test-fast: setup
 
 bench: assets
 	$(PY) -m aurora_rl.bench
+	$(PY) -m aurora_rl.bench_spec
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -1,0 +1,115 @@
+"""Speculation benchmark: the Aurora model-card table for our engine, and the cost of trace capture.
+
+For batch sizes (default 1, 4, 8, 16) x {no speculation, lookahead 3, 4, 5}: mean / p50 / p5 / p95
+tokens/s per request, speedup of the mean over no speculation measured in the same run, and accept
+length. "No speculation" is the plain engine (no draft at all). With the default day-0 random draft
+the table shows what speculating costs; with ``--draft DIR`` (an EAGLE3 folder, e.g. a run's
+``draft/``) it shows the gain. A second table times lookahead 4 with trace capture on and off.
+Figures also go to JSON (``--out``). ``python -m aurora_rl.bench_spec [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from aurora_rl.config import ModelSection
+from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
+from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def serve(target, tokenizer, draft, prompts, batch: int, lookahead: int | None, max_tokens: int,
+          capture: bool = True) -> dict:
+    """Serve ``prompts`` with ``batch`` slots; lookahead None = plain engine without a draft."""
+    decoder = None
+    if lookahead is not None:
+        decoder = SpecDecoder(draft, batch, 2048, SpecConfig(lookahead=lookahead, capture_traces=capture),
+                              trace_sink=lambda t: None)
+    engine = LLMEngine(target, EngineConfig(num_slots=batch, max_len=2048), tokenizer, decoder)
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, sp)
+    wall = time.perf_counter() - t0
+    tps = [o.tokens_per_s for o in outs]
+    return {"batch": batch, "lookahead": lookahead, "capture": capture, "requests": len(outs),
+            "mean": statistics.mean(tps), "p50": percentile(tps, 50), "p5": percentile(tps, 5),
+            "p95": percentile(tps, 95), "accept_length": statistics.mean(o.accept_length for o in outs),
+            "aggregate_tokens_per_s": sum(o.num_output_tokens for o in outs) / wall,
+            "outputs": [o.output_ids for o in outs]}
+
+
+def load(args):
+    from aurora_rl.data.sharegpt import chat_token_ids, sample_prompts
+    from aurora_rl.runtime.factory import initial_draft, load_target_model
+
+    section = ModelSection(dtype=args.dtype, draft=args.draft or "random", draft_vocab_size=args.draft_vocab_size)
+    target, tokenizer = load_target_model(section)
+    ids = [chat_token_ids(tokenizer, p.messages) for p in sample_prompts("code", 64 + args.prompts, seed=1)]
+    ids = [i for i in ids if len(i) <= 768]
+    prompts, vocab_sample = ids[: args.prompts], ids[args.prompts:]
+    draft = initial_draft(section, target, vocab_sample).to_dtype(target.dtype).eval()
+    return target, tokenizer, draft, prompts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="1,4,8,16")
+    p.add_argument("--lookaheads", default="3,4,5")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--draft", default=None, help="EAGLE3 draft folder (default: a day-0 random draft)")
+    p.add_argument("--draft-vocab-size", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="batch 1 and 4, lookahead 4, 4 prompts, 16 tokens")
+    p.add_argument("--out", default=f"outputs/bench_spec/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.lookaheads, args.prompts, args.max_tokens = "1,4", "4", 4, 16
+    torch.set_num_threads(args.threads)
+    target, tokenizer, draft, prompts = load(args)
+    rows, identical = [], True
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        base = serve(target, tokenizer, draft, prompts, batch, None, args.max_tokens)
+        rows.append(base)
+        for k in [int(k) for k in args.lookaheads.split(",")]:
+            r = serve(target, tokenizer, draft, prompts, batch, k, args.max_tokens)
+            r["speedup"] = r["mean"] / base["mean"]
+            identical &= r["outputs"] == base["outputs"]
+            rows.append(r)
+        base["speedup"] = 1.0
+    b = int(args.batch_sizes.split(",")[-1]) if args.quick else 4
+    capture = [serve(target, tokenizer, draft, prompts, b, 4, args.max_tokens, capture=c) for c in (False, True)]
+    result = {"dtype": args.dtype, "draft": args.draft or "day-0 random", "max_tokens": args.max_tokens,
+              "prompts": len(prompts), "greedy_outputs_identical": identical,
+              "table": [{k: v for k, v in r.items() if k != "outputs"} for r in rows],
+              "capture": [{k: v for k, v in r.items() if k != "outputs"} for r in capture],
+              "capture_cost": 1 - capture[1]["mean"] / capture[0]["mean"]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_spec.json").write_text(json.dumps(result, indent=2))
+    print(f"draft: {result['draft']}, {args.dtype}, {len(prompts)} ShareGPT code prompts, {args.max_tokens} tokens each")
+    print(f"{'batch':>5} {'lookahead':>9} {'mean':>7} {'p50':>7} {'p5':>7} {'p95':>7} {'speedup':>8} {'accept':>7}")
+    for r in result["table"]:
+        k = "none" if r["lookahead"] is None else r["lookahead"]
+        print(f"{r['batch']:>5} {k:>9} {r['mean']:7.1f} {r['p50']:7.1f} {r['p5']:7.1f} {r['p95']:7.1f} "
+              f"{r['speedup']:7.2f}x {r['accept_length']:7.2f}")
+    off, on = result["capture"]
+    print(f"trace capture at batch {off['batch']}, lookahead 4: {off['mean']:.1f} tok/s off, {on['mean']:.1f} on "
+          f"(cost {100 * result['capture_cost']:.1f}%)")
+    print(f"greedy outputs identical to no speculation: {identical}; JSON: {out / 'bench_spec.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
