@@ -94,8 +94,7 @@ def evaluate(cfg: RunConfig, worker, traffic: Traffic) -> dict[str, float]:
     return {"prompts": len(prompts), "lookahead": cfg.engine.lookahead,
             "accept_length": mean(spec, "accept_length"), "spec_tokens_per_s": mean(spec, "tokens_per_s"),
             "plain_tokens_per_s": mean(plain, "tokens_per_s"),
-            "speedup": mean(spec, "tokens_per_s") / mean(plain, "tokens_per_s"),
-            "identical_outputs": None}
+            "speedup": mean(spec, "tokens_per_s") / mean(plain, "tokens_per_s")}
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
