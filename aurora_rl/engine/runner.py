@@ -30,18 +30,19 @@ class ModelRunner:
         """
         counts = [len(t) for t in tokens]
         T = max(counts)
-        starts = self.cache.lengths[slots]
-        if int((starts + torch.tensor(counts)).max()) > self.max_len:
+        lengths = self.cache.lengths.tolist()
+        starts = [lengths[s] for s in slots]
+        if max(s + c for s, c in zip(starts, counts)) > self.max_len:
             raise ValueError(f"extending slots {slots} by {counts} tokens exceeds max_len={self.max_len}")
         ids = torch.tensor([t + [t[-1]] * (T - len(t)) for t in tokens], dtype=torch.long)
-        positions = starts.unsqueeze(1) + torch.arange(T).unsqueeze(0)
         # Padding may run past max_len for a row near the end of its context. Clamped, it lands past the
         # row's length (never attended) or on its own last position with the same token (same values).
-        positions = positions.clamp(max=self.max_len - 1)
-        logit_index = torch.tensor(counts) - 1 if last_only else None
-        out = self.model(ids, positions, self.cache, torch.tensor(slots), logit_index=logit_index,
-                         with_taps=with_taps)
-        self.cache.lengths[slots] = starts + torch.tensor(counts)
+        last = self.max_len - 1
+        positions = torch.tensor([[min(s + i, last) for i in range(T)] for s in starts], dtype=torch.long)
+        logit_index = torch.tensor([c - 1 for c in counts]) if last_only else None
+        slot_ids = torch.tensor(slots, dtype=torch.long)
+        out = self.model(ids, positions, self.cache, slot_ids, logit_index=logit_index, with_taps=with_taps)
+        self.cache.lengths[slot_ids] = torch.tensor([s + c for s, c in zip(starts, counts)])
         return out
 
     def truncate(self, slot: int, length: int) -> None:

@@ -4,6 +4,12 @@
 slots and returns logits (for all positions or one chosen position per row), the final-norm hidden
 state, and the outputs of the tap layers concatenated (the EAGLE3 draft's input features).
 The cache's lengths are the caller's to manage: the model only reads and writes entries.
+
+Speed on CPU: passes of a few tokens per row (decode, verify: at most ``NATIVE_ATTENTION_MAX_TOKENS``)
+run each Llama/Qwen2 layer as one call into ``cpu_kernels`` (packed-weight GEMVs, RoPE and cache write,
+attention straight from the slot cache, fused residual-add + RMSNorm), since at 135M parameters
+PyTorch's per-op overhead alone (~130 us a layer) would be a third of a decode step. Longer passes
+(prefill) and Qwen3 (q/k norms) take the step-by-step path; both paths round as transformers does.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from aurora_rl.models import cpu_kernels
 from aurora_rl.models.config import ModelConfig
-from aurora_rl.models.kv_cache import SlotKVCache
-from aurora_rl.models.layers import GatedMLP, RMSNorm, RotaryTable, apply_rope, attend, causal_mask
+from aurora_rl.models.kv_cache import CachePlan, SlotKVCache
+from aurora_rl.models.layers import (GatedMLP, Linear, RMSNorm, RotaryTable, attend_grouped, causal_mask, group_mask,
+                                     rotate)
 
 
 @dataclass
@@ -28,25 +36,61 @@ class TargetOutput:
     """Outputs of ``config.tap_layers`` concatenated: [B, T, len(tap_layers) * H]."""
 
 
+NATIVE_ATTENTION_MAX_TOKENS = 8
+"""Passes with at most this many tokens per row (decode, verify) use the native attention kernel;
+longer ones (prefill) use SDPA, which amortises better over many queries."""
+
+
+@dataclass(slots=True)
+class PassContext:
+    """What every layer of one forward pass shares, computed once per pass."""
+
+    cache: SlotKVCache
+    plan: CachePlan
+    cos: torch.Tensor | None
+    """[B, T, 1, D] rope cosines."""
+    sin: torch.Tensor | None
+    """[B, T, 1, D] rope sines, signed for ``rotate``."""
+    mask: torch.Tensor | None
+    """Grouped causal mask [B, 1, group*T, kv_len], None when every query sees all keys."""
+    causal: bool
+    """One row at positions 0..T-1 (a fresh prefill): SDPA's causal path instead of a mask."""
+    native: bool
+    """RoPE, cache writes and attention by ``cpu_kernels`` (few tokens per row, CPU)."""
+    positions: torch.Tensor
+    rope: RotaryTable
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.attention_bias)
-        self.o = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        self.qkv = Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.attention_bias)
+        self.o = Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: SlotKVCache, layer: int, slots, positions, kv_len, mask):
+    def forward(self, x: torch.Tensor, ctx: PassContext, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, -1, self.hd).split([self.nh, self.nkv, self.nkv], dim=2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        cache.write(layer, slots, positions, k, v.transpose(1, 2))
-        keys, values = cache.view(layer, slots, kv_len)
-        return self.o(attend(q, keys, values, mask))
+        nh, nkv = self.nh, self.nkv
+        kc, vc = ctx.cache.k[layer], ctx.cache.v[layer]
+        qkv = self.qkv(x)
+        if ctx.native and self.q_norm is None:
+            q = cpu_kernels.rope_write(qkv, ctx.rope.cos, ctx.rope.sin, ctx.positions, ctx.plan.slots, kc, vc, nh, nkv)
+        else:
+            qkv = qkv.view(B, T, nh + 2 * nkv, self.hd)
+            qk = qkv[:, :, :nh + nkv]
+            if self.q_norm is not None:
+                qk = torch.cat([self.q_norm(qkv[:, :, :nh]), self.k_norm(qkv[:, :, nh:nh + nkv])], dim=2)
+            qk = rotate(qk, ctx.cos, ctx.sin)  # q and k heads in one pass: [B, T, nh + nkv, D]
+            k, v = qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv:].transpose(1, 2)
+            ctx.cache.write_planned(layer, ctx.plan, k, v)
+            q = qk[:, :, :nh]
+        if ctx.native:
+            return self.o(cpu_kernels.attention(q, kc, vc, ctx.plan.slots, ctx.positions, self.hd ** -0.5,
+                                                ctx.plan.kv_len))
+        keys, values = ctx.cache.view_planned(layer, ctx.plan)
+        return self.o(attend_grouped(q, keys, values, ctx.mask, ctx.causal))
 
 
 class DecoderLayer(nn.Module):
@@ -57,9 +101,22 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache, layer, slots, positions, kv_len, mask):
-        x = x + self.attn(self.input_norm(x), cos, sin, cache, layer, slots, positions, kv_len, mask)
-        return x + self.mlp(self.post_norm(x))
+    def fused_weights(self) -> tuple | None:
+        """This layer's weights for ``cpu_kernels.decoder_layer``, or None when it cannot run fused
+        (q/k norms, weights the kernels cannot pack)."""
+        a, m = self.attn, self.mlp
+        packed = [lin.packed_weight() for lin in (a.qkv, a.o, m.gate_up, m.down)]
+        if a.q_norm is not None or any(p is None for p in packed):
+            return None
+        return (self.input_norm.weight, self.post_norm.weight, packed[0], a.qkv.bias, *packed[1:])
+
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None, ctx: PassContext,
+                layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, MLP output): the caller adds the two, which lets the sum fuse with the next norm.
+        ``pending`` is the previous layer's MLP output still to be added to ``x`` (None for the first)."""
+        x, h = self.input_norm.add_forward(x, pending) if pending is not None else (x, self.input_norm(x))
+        x, h = self.post_norm.add_forward(x, self.attn(h, ctx, layer))
+        return x, self.mlp(h)
 
 
 class TargetModel(nn.Module):
@@ -69,12 +126,15 @@ class TargetModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
                                 torch.float32)
         self._tap_layers = tuple(cfg.tap_layers)
+        self._fused_key: tuple | None = None
+        self._fused: list | None = None
+        self._param_slots: list | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,6 +151,38 @@ class TargetModel(nn.Module):
                            max_len or c.max_position_embeddings, dtype=self.dtype,
                            device=self.embed.weight.device)
 
+    def _fused_weights(self, x: torch.Tensor) -> list | None:
+        """Per-layer weights for the one-call layer kernel, with the pass's buffers; None if any layer
+        or the shapes cannot use it. The weights are looked up again only when a parameter changed."""
+        c = self.config
+        if c.hidden_size % 16 or c.intermediate_size % 16 or not cpu_kernels.elementwise_supported(x):
+            return None
+        if self._param_slots is None:  # (module, name) of every layer parameter: cheap to re-read per pass
+            self._param_slots = [(m, n) for layer in self.layers for m in layer.modules() for n in m._parameters]
+        params = [m._parameters[n] for m, n in self._param_slots]
+        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in params if p is not None)
+        if key != self._fused_key:
+            weights = [layer.fused_weights() for layer in self.layers]
+            self._fused, self._fused_key = (None if any(w is None for w in weights) else weights), key
+        if self._fused is None:
+            return None
+        B, T, H = x.shape
+        streams = torch.empty(2, len(self.layers), B, T, H, dtype=x.dtype)  # residual stream, MLP output
+        work = cpu_kernels.layer_workspace(B * T, H, c.intermediate_size, c.num_heads, c.num_kv_heads,
+                                           c.head_dim, x.dtype)
+        return [self._fused, streams, work]
+
+    def _fused_layer(self, i: int, x: torch.Tensor, pending: torch.Tensor | None, fused: list,
+                     ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, streams, work = fused
+        c = self.config
+        resid, mlp_out = streams[0, i], streams[1, i]
+        cpu_kernels.decoder_layer(
+            x, pending, resid, mlp_out, weights[i], self.rope.cos, self.rope.sin, ctx.positions, ctx.plan.slots,
+            ctx.cache.k[i], ctx.cache.v[i], ctx.plan.kv_len, work,
+            (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size), c.rms_norm_eps)
+        return resid, mlp_out
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: SlotKVCache,
                 slots: torch.Tensor, logit_index: torch.Tensor | None = None,
@@ -101,21 +193,36 @@ class TargetModel(nn.Module):
         is allowed (padded entries land past the row's length and are never attended by real tokens).
         """
         B, T = input_ids.shape
-        kv_len = int(positions.max()) + 1
+        slots, positions = slots.long().contiguous(), positions.long().contiguous()  # the kernels read int64
+        plan = cache.plan(slots, positions)
+        kv_len = plan.kv_len
         if kv_len > cache.max_len:
             raise ValueError(f"position {kv_len - 1} exceeds the cache's max_len={cache.max_len}")
-        uniform = T == 1 and bool((positions == kv_len - 1).all())
-        mask = None if uniform else causal_mask(positions, kv_len)
-        cos, sin = self.rope.gather(positions)
-        x = self.embed(input_ids)
+        c = self.config
+        native = (T <= NATIVE_ATTENTION_MAX_TOKENS and kv_len <= self.rope.cos.shape[0]
+                  and cache.k[0].dtype == self.dtype and cpu_kernels.attention_supported(cache.k[0]))
+        mask = cos = sin = None
+        causal = not native and plan.row_slice is not None and plan.row_slice[1] == 0  # fresh prefill
+        if not (native or causal) and not (T == 1 and bool((positions == kv_len - 1).all())):
+            mask = group_mask(causal_mask(positions, kv_len), c.num_heads // c.num_kv_heads)
+        if not native or c.qk_norm:
+            cos, sin = self.rope.gather_rows(positions)
+        ctx = PassContext(cache, plan, cos, sin, mask, causal, native, positions, self.rope)
+        x, pending = self.embed(input_ids), None
         layer_out: dict[int, torch.Tensor] = {}
+        fused = self._fused_weights(x) if native else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, slots, positions, kv_len, mask)
+            if fused is not None:
+                x, pending = self._fused_layer(i, x, pending, fused, ctx)
+            else:
+                x, pending = layer(x, pending, ctx, i)
             if with_taps and i in self._tap_layers:
-                layer_out[i] = x
-        hidden = self.norm(x)
+                layer_out[i] = x + pending
+        _, hidden = self.norm.add_forward(x, pending)
         if logit_index is not None:
-            logits = self.lm_head(hidden[torch.arange(B), logit_index])
+            rows = hidden[:, 0] if T == 1 else hidden[torch.arange(B), logit_index]
+            logits = self.lm_head(rows)
         else:
             logits = self.lm_head(hidden)
-        return TargetOutput(logits=logits, hidden=hidden, taps=torch.cat([layer_out[i] for i in self._tap_layers], dim=-1) if with_taps else None)
+        taps = torch.cat([layer_out[i] for i in self._tap_layers], dim=-1) if with_taps else None
+        return TargetOutput(logits=logits, hidden=hidden, taps=taps)

@@ -1,0 +1,118 @@
+"""Native CPU kernels against PyTorch references, and the target model with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aurora_rl.models import cpu_kernels
+from aurora_rl.models.layers import Linear, apply_rope
+from aurora_rl.models.target import TargetModel
+from tests.conftest import tiny_target
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="native kernels not built here")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def close(got, ref, dtype):
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 13, 40])
+@pytest.mark.parametrize("n,k", [(37, 70), (64, 64), (96, 33)])
+def test_gemv_matches_matmul(dtype, m, n, k):
+    g = torch.Generator().manual_seed(m * n + k)
+    w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(m, k, generator=g).to(dtype)
+    close(cpu_kernels.matmul(x, cpu_kernels.pack(w), n), x.float() @ w.float().T, dtype)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_native_path_matches_f_linear_and_follows_weight_updates(dtype):
+    lin = Linear(64, 48, bias=True).to(dtype)
+    x = torch.randn(2, 3, 64).to(dtype)
+    with torch.inference_mode():
+        close(lin(x), F.linear(x, lin.weight, lin.bias), dtype)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in place: the packed copy must be rebuilt
+    with torch.inference_mode():
+        close(lin(x), F.linear(x, lin.weight, lin.bias), dtype)
+    assert lin(x).requires_grad  # grad enabled: plain F.linear, autograd works
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", [16, 64])
+def test_attention_over_slot_cache_is_causal_per_row(dtype, hd):
+    g = torch.Generator().manual_seed(hd)
+    B, T, nh, nkv, S = 3, 4, 6, 2, 40
+    q = torch.randn(B, T, nh, hd, generator=g).to(dtype)
+    kc, vc = (torch.randn(4, nkv, S, hd, generator=g).to(dtype) for _ in range(2))
+    slots = torch.tensor([3, 0, 1])
+    pos = torch.tensor([[10, 11, 12, 13], [0, 1, 2, 3], [30, 31, 32, 33]])
+    got = cpu_kernels.attention(q, kc, vc, slots, pos, hd ** -0.5).view(B, T, nh, hd)
+    for b in range(B):
+        for t in range(T):
+            n = int(pos[b, t]) + 1
+            k, v = (c[slots[b], :, :n].float().repeat_interleave(nh // nkv, 0) for c in (kc, vc))
+            ref = torch.softmax(q[b, t].float()[:, None] @ k.transpose(1, 2) * hd ** -0.5, -1) @ v
+            close(got[b, t], ref[:, 0], dtype)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_silu_and_rope_round_like_pytorch(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, a, w = (torch.randn(*s, generator=g).to(dtype) for s in ((5, 64), (5, 64), (64,)))
+    resid, normed = cpu_kernels.add_rmsnorm(x, a, w, 1e-6)
+    ref = x + a
+    close(resid, ref, dtype)
+    close(normed, w * F.rms_norm(ref.float(), (64,), eps=1e-6).to(dtype), dtype)
+    gate_up = torch.randn(5, 2, 96, generator=g).to(dtype) * 4
+    close(cpu_kernels.silu_mul(gate_up), F.silu(gate_up[..., :48]) * gate_up[..., 48:], dtype)
+    nh, nkv, hd = 4, 2, 16
+    qkv = torch.randn(2, 3, (nh + 2 * nkv) * hd, generator=g).to(dtype)
+    cos, sin = (torch.randn(50, hd, generator=g).to(dtype) for _ in range(2))
+    pos, slots = torch.tensor([[5, 6, 7], [40, 41, 42]]), torch.tensor([1, 0])
+    kc, vc = torch.zeros(2, nkv, 50, hd, dtype=dtype), torch.zeros(2, nkv, 50, hd, dtype=dtype)
+    q = cpu_kernels.rope_write(qkv, cos, sin, pos, slots, kc, vc, nh, nkv)
+    heads = qkv.view(2, 3, nh + 2 * nkv, hd).transpose(1, 2)
+    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    rotated = apply_rope(heads[:, :nh + nkv], c, s)
+    close(q.transpose(1, 2), rotated[:, :nh], dtype)
+    for b in range(2):
+        close(kc[slots[b], :, pos[b]], rotated[b, nh:], dtype)
+        close(vc[slots[b], :, pos[b]], heads[b, nh + nkv:], dtype)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_target_decode_same_with_and_without_kernels(family, dtype, monkeypatch):
+    """Fused layers, kernels one by one, and plain PyTorch ops agree (bf16: within bf16 rounding)."""
+    model, _ = tiny_target(family, dtype=dtype)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(12).expand(2, 12)
+
+    def decode():
+        cache = model.new_cache(2, 32)
+        outs = [model(ids[:, :8], pos[:, :8], cache, torch.tensor([0, 1])).logits]
+        outs += [model(ids[:, i:i + 1], pos[:, i:i + 1], cache, torch.tensor([0, 1])).logits for i in range(8, 12)]
+        return torch.cat(outs, 1)
+
+    native = decode()
+    with monkeypatch.context() as m:  # step by step through the same kernels: the same numbers
+        m.setattr(TargetModel, "_fused_weights", lambda self, x: None)
+        torch.testing.assert_close(native, decode(), atol=0, rtol=0)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "elementwise_supported", lambda x: False)
+    monkeypatch.setattr(cpu_kernels, "attention_supported", lambda k: False)
+    for lin in model.modules():
+        if isinstance(lin, Linear):
+            lin._native_key = None  # forget packed weights so the fallback is taken
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    torch.testing.assert_close(native, decode(), **tol)
