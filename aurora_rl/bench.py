@@ -230,7 +230,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path]:
     p.add_argument("--domain", default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores this process may use)")
-    p.add_argument("--quick", action="store_true", help="smoke test: 4 requests, batch 1 and 4, 16 tokens")
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 requests, batch 1 and 2, 8 tokens")
     p.add_argument("--out", type=Path, default=None, help="output folder (default outputs/bench/<timestamp>)")
     a = p.parse_args(argv)
     try:
@@ -245,7 +245,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path]:
     cfg = BenchConfig(dtype=a.dtype, batch_sizes=sizes, max_tokens=a.max_tokens, requests=a.requests,
                       domain=a.domain, seed=a.seed, threads=a.threads)
     if a.quick:
-        cfg.batch_sizes, cfg.max_tokens, cfg.requests, cfg.decode_steps = (1, 4), 16, 4, 8
+        cfg.batch_sizes, cfg.max_tokens, cfg.requests, cfg.decode_steps = (1, 2), 8, 2, 4
     out = a.out or Path("outputs") / "bench" / time.strftime("%Y%m%d-%H%M%S")
     return cfg, out
 

@@ -209,10 +209,13 @@ def test_workloads():
 class CharTokenizer:
     """Characters as token ids under a ChatML-like template (enough to check the workload wiring)."""
 
-    def apply_chat_template(self, messages, add_generation_prompt=False):
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
         text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
         text += "<assistant>" if add_generation_prompt else ""
-        return {"input_ids": [min(ord(c), 127) for c in text]}
+        return {"input_ids": self.encode(text)} if tokenize else text
+
+    def encode(self, text, add_special_tokens=False):
+        return [min(ord(c), 127) for c in text]
 
 
 @pytest.mark.unit
