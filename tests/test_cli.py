@@ -241,3 +241,22 @@ def test_offline_subcommand_forwards_its_arguments(tmp_path):
     res = _cli(["offline", "--help"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "--traces" in res.stdout
+
+
+@pytest.mark.smoke
+def test_real_multirun_writes_readable_tensorboard_per_job(tmp_path):
+    """`aurora-rl -m` with the real driver: each job has its own directory and event file."""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cmd = [sys.executable, "-m", "aurora_rl.cli", "-m", "experiment=smoke", "seed=0,1", "max_requests=8",
+           "eval.enabled=false", f"hydra.sweep.dir={tmp_path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = sorted(tmp_path.glob("*/tb/events.out.tfevents.*"))
+    assert len(events) == 2 and events[0].parent.parent != events[1].parent.parent
+    for e in events:
+        acc = EventAccumulator(str(e)).Reload()
+        assert len(acc.Scalars("serve/accept_length")) == 8
