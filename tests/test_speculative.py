@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -110,6 +112,44 @@ def test_accepted_tokens_and_rollback_keep_outputs_identical():
             a = int(t.accepted[i])
             assert t.proposals[i, :a].tolist() == tokens[pos + 2: pos + 2 + a].tolist()
     assert dec.cache.lengths.sum() == 0  # every slot released
+
+
+class EagerDecoder(SpecDecoder):
+    """Feeds kept positions to the draft at once (no queue): the reference for lazy feeding."""
+
+    def _defer(self, slot, start, tokens, taps):
+        super()._defer(slot, start, tokens, taps)
+        self._catch_up([SimpleNamespace(slot=slot)])
+
+
+@pytest.mark.unit
+def test_lazy_draft_feeding_proposes_what_eager_feeding_proposes():
+    """Rows at k = 0 only queue positions; the catch-up before their next proposal gives the same
+    proposals as feeding every step, and a run at k = 0 throughout makes no draft call at all."""
+    model, _ = tiny_target()
+    ps = prompts(5)
+    sp = SamplingParams(max_tokens=24, ignore_eos=True)
+    base = LLMEngine(model, EngineConfig(num_slots=3, max_len=64)).generate(ps, sp)
+    schedule = [0, 0, 3, 0, 1, 2, 0, 0, 0, 4]
+    runs = {}
+    for cls in (SpecDecoder, EagerDecoder):
+        traces = []
+        dec = cls(make_draft(model), 3, 64, SpecConfig(lookahead=3), trace_sink=traces.append)
+        dec.lookahead_fn = lambda seqs: [schedule[(s.verify_steps + i) % len(schedule)] for i, s in enumerate(seqs)]
+        outs = LLMEngine(model, EngineConfig(num_slots=3, max_len=64), decoder=dec).generate(ps, sp)
+        assert [o.output_ids for o in outs] == [o.output_ids for o in base]
+        runs[cls.__name__] = (dec, traces_by_id(traces, outs))
+    (lazy, lazy_traces), (eager, eager_traces) = runs["SpecDecoder"], runs["EagerDecoder"]
+    for a, b in zip(lazy_traces, eager_traces):
+        assert a.proposals.tolist() == b.proposals.tolist() and a.proposals.gt(0).any()
+        torch.testing.assert_close(a.behaviour_logp, b.behaviour_logp, atol=1e-4, rtol=1e-4)
+    assert lazy.draft_calls < eager.draft_calls
+    assert not lazy._pending and lazy.cache.lengths.sum() == 0
+
+    plain = SpecDecoder(make_draft(model), 3, 64, SpecConfig(lookahead=0))
+    outs = LLMEngine(model, EngineConfig(num_slots=3, max_len=64), decoder=plain).generate(ps, sp)
+    assert [o.output_ids for o in outs] == [o.output_ids for o in base]
+    assert plain.draft_calls == 0
 
 
 def traces_by_id(traces, outs):

@@ -7,7 +7,14 @@ target and draft caches roll back past the first rejection by a length reset. Th
 the target's features of the kept positions (EAGLE3: target features for accepted positions, its own
 hidden state for deeper ones), which also yields its depth-1 proposal for the next step.
 
-Invariant between steps: draft cache length == target cache length == tokens - 1 for every slot.
+The draft is fed lazily: a row that does not speculate this step (k = 0, and every row right after
+its prefill) only queues its kept positions, and the queue is fed to the draft in one call the next
+time that row proposes. A step where no row speculates therefore runs no draft work at all and costs
+what plain decoding costs (plus trace capture), which is what lets an adaptive lookahead fall back to
+k = 0 for free.
+
+Invariant between steps: draft cache length + queued positions == target cache length == tokens - 1
+for every slot; the slot's depth-1 draft output is current only when nothing is queued.
 Traces (``aurora_rl.engine.trace``) are recorded here and handed to ``trace_sink`` on finish.
 """
 
@@ -55,6 +62,15 @@ class _SlotState:
     hidden: torch.Tensor
 
 
+@dataclass
+class _Pending:
+    """Kept positions of a slot not yet fed to the draft: tokens from ``start`` on, and their taps."""
+
+    start: int
+    tokens: list[int]
+    taps: list[torch.Tensor]
+
+
 class SpecDecoder:
     """The engine's speculative ``Decoder`` (see ``aurora_rl.engine.engine.Decoder``)."""
 
@@ -67,6 +83,11 @@ class SpecDecoder:
         self.policy_version = policy_version
         self.lookahead_fn: Callable[[list[Sequence]], list[int]] | None = None
         self._state: dict[int, _SlotState] = {}
+        self._pending: dict[int, _Pending] = {}
+        self.draft_calls = 0
+        """Draft forward passes (extends and chain steps) over the decoder's life."""
+        self.catch_up_s = 0.0
+        """Seconds spent feeding queued positions to the draft (the deferred cost of k = 0 steps)."""
         self._recorders: dict[str, TraceRecorder] = {}
         self._trace_dtype = getattr(torch, self.config.trace_dtype)
         self.depth_proposed: list[int] = []
@@ -94,12 +115,13 @@ class SpecDecoder:
             if self.config.capture_traces:
                 rec = self._recorders[seq.request_id] = TraceRecorder(self._trace_dtype)
                 rec.add_positions(out.taps[0], out.hidden[0])
-            self._draft_extend([seq], [seq.prompt_ids[1:] + [tok]], out.taps[:, : len(seq.prompt_ids)], [0])
+            self._defer(seq.slot, 0, seq.prompt_ids[1:] + [tok], out.taps[0, : len(seq.prompt_ids)])
             engine.append_tokens(seq, [tok])
 
     def decode(self, engine, seqs: list[Sequence]) -> None:
         t0 = time.perf_counter()
         ks = self._lookaheads(engine, seqs)
+        self._catch_up([s for s, k in zip(seqs, ks) if k > 0 and s.slot in self._pending])
         props, logps, qs = self._propose(seqs, ks)
         starts = [int(engine.runner.lengths[s.slot]) for s in seqs]
         out = engine.runner.extend([s.slot for s in seqs], [[s.last_token] + p for s, p in zip(seqs, props)],
@@ -110,7 +132,12 @@ class SpecDecoder:
             engine.runner.truncate(seq.slot, starts[b] + 1 + v.accepted)
             new_tokens.append(props[b][: v.accepted] + [v.next_token])
             kept_taps.append(out.taps[b, : v.accepted + 1])
-        self._draft_extend(seqs, new_tokens, kept_taps, starts)
+        fed = [b for b, k in enumerate(ks) if k > 0]
+        for b in (b for b, k in enumerate(ks) if k == 0):
+            self._defer(seqs[b].slot, starts[b], new_tokens[b], kept_taps[b])
+        if fed:
+            self._draft_extend([seqs[b] for b in fed], [new_tokens[b] for b in fed], [kept_taps[b] for b in fed],
+                               [starts[b] for b in fed])
         dt = time.perf_counter() - t0
         self._count_depths(ks, verdicts)
         for b, (seq, v) in enumerate(zip(seqs, verdicts)):
@@ -125,6 +152,7 @@ class SpecDecoder:
 
     def release(self, engine, seq: Sequence) -> None:
         self._state.pop(seq.slot, None)
+        self._pending.pop(seq.slot, None)
         self.cache.lengths[seq.slot] = 0
         rec = self._recorders.pop(seq.request_id, None)
         if rec is not None and self.trace_sink is not None:
@@ -133,6 +161,28 @@ class SpecDecoder:
                                        seq.finish_reason, seq.params.greedy))
 
     # ---- internals ------------------------------------------------------------------------------
+    def _defer(self, slot: int, start: int, tokens: list[int], taps: torch.Tensor) -> None:
+        """Queue kept positions (``tokens`` from ``start`` on, with their target taps) for the draft."""
+        pending = self._pending.get(slot)
+        if pending is None:
+            pending = self._pending[slot] = _Pending(start, [], [])
+        elif start != pending.start + len(pending.tokens):
+            raise RuntimeError(f"slot {slot}: queued draft positions end at {pending.start + len(pending.tokens)}, "
+                               f"new ones start at {start}")
+        pending.tokens += tokens
+        pending.taps.append(taps[: len(tokens)].clone())
+        self._state.pop(slot, None)
+
+    def _catch_up(self, seqs: list[Sequence]) -> None:
+        """Feed the queued positions of ``seqs`` to the draft in one batched call."""
+        if not seqs:
+            return
+        t0 = time.perf_counter()
+        queued = [self._pending.pop(s.slot) for s in seqs]
+        self._draft_extend(seqs, [q.tokens for q in queued], [torch.cat(q.taps) for q in queued],
+                           [q.start for q in queued])
+        self.catch_up_s += time.perf_counter() - t0
+
     def _count_depths(self, ks: list[int], verdicts: list[Verdict]) -> None:
         grow = max(ks, default=0) - len(self.depth_proposed)
         if grow > 0:
@@ -161,8 +211,8 @@ class SpecDecoder:
         props: list[list[int]] = [[] for _ in seqs]
         logps: list[list[float]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        logits = {b: self._state[s.slot].logits for b, s in enumerate(seqs)}
-        hidden = {b: self._state[s.slot].hidden for b, s in enumerate(seqs)}
+        logits = {b: self._state[s.slot].logits for b, s in enumerate(seqs) if ks[b] > 0}
+        hidden = {b: self._state[s.slot].hidden for b, s in enumerate(seqs) if ks[b] > 0}
         for depth in range(1, max(ks, default=0) + 1):
             rows = [b for b, k in enumerate(ks) if k >= depth]
             for b in rows:
@@ -182,6 +232,7 @@ class SpecDecoder:
             h = torch.stack([hidden[b] for b in rows]).unsqueeze(1)
             with torch.inference_mode():
                 out = self.draft(toks, h, pos, self.cache, slots)
+            self.draft_calls += 1
             for i, b in enumerate(rows):
                 logits[b], hidden[b] = out.logits[i, 0], out.hidden[i, 0]
         return props, logps, qs
@@ -210,6 +261,7 @@ class SpecDecoder:
         with torch.inference_mode():
             out = self.draft(ids, self.draft.fuse(feats), pos, self.cache, slots,
                              logit_index=torch.tensor([len(t) - 1 for t in tokens]))
+        self.draft_calls += 1
         for b, (seq, t) in enumerate(zip(seqs, tokens)):
             self.cache.lengths[seq.slot] = starts[b] + len(t)
             self._state[seq.slot] = _SlotState(out.logits[b], out.hidden[b, len(t) - 1])
