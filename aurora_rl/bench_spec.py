@@ -1,11 +1,13 @@
 """Speculation benchmark: the Aurora model-card table for our engine, and the cost of trace capture.
 
-For batch sizes (default 1, 4, 8, 16) x {no speculation, lookahead 3, 4, 5}: mean / p50 / p5 / p95
-tokens/s per request, speedup of the mean over no speculation measured in the same run, and accept
-length. "No speculation" is the plain engine (no draft at all). With the default day-0 random draft
-the table shows what speculating costs; with ``--draft DIR`` (an EAGLE3 folder, e.g. a run's
-``draft/``) it shows the gain. A second table times lookahead 4 with trace capture on and off.
-Figures also go to JSON (``--out``). ``python -m aurora_rl.bench_spec [--quick]``.
+For batch sizes (default 1, 4, 8, 16) x {no speculation, lookahead 3, 4, 5, adaptive}: mean / p50 /
+p5 / p95 tokens/s per request, speedup of the mean over no speculation measured in the same run, and
+accept length. "No speculation" is the plain engine (no draft at all); "adaptive" is the serving
+default, ``AdaptiveLookahead`` choosing k in 0..max(lookaheads) each step. With the default day-0
+random draft the table shows what speculating costs; with ``--draft DIR`` (an EAGLE3 folder, e.g. a
+run's ``draft/``) it shows the gain. A second table times lookahead 4 with trace capture on and off.
+Figures go to JSON and a plot (speedup vs batch size) in ``--out``.
+``python -m aurora_rl.bench_spec [--quick] [--draft outputs/day0/<run>/draft]``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import torch
 
 from aurora_rl.config import ModelSection
 from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
+from aurora_rl.engine.adaptive import AdaptiveLookahead
 from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
+
+ADAPTIVE = "adaptive"
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -28,13 +33,17 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def serve(target, tokenizer, draft, prompts, batch: int, lookahead: int | None, max_tokens: int,
-          capture: bool = True) -> dict:
-    """Serve ``prompts`` with ``batch`` slots; lookahead None = plain engine without a draft."""
-    decoder = None
+def serve(target, tokenizer, draft, prompts, batch: int, lookahead: int | str | None, max_tokens: int,
+          capture: bool = True, max_lookahead: int = 5) -> dict:
+    """Serve ``prompts`` with ``batch`` slots; lookahead None = plain engine without a draft, "adaptive" =
+    the adaptive controller over 0..``max_lookahead``."""
+    decoder, controller = None, None
     if lookahead is not None:
-        decoder = SpecDecoder(draft, batch, 2048, SpecConfig(lookahead=lookahead, capture_traces=capture),
+        fixed = max_lookahead if lookahead == ADAPTIVE else lookahead
+        decoder = SpecDecoder(draft, batch, 2048, SpecConfig(lookahead=fixed, capture_traces=capture),
                               trace_sink=lambda t: None)
+        if lookahead == ADAPTIVE:
+            controller = AdaptiveLookahead(max_lookahead).attach(decoder)
     engine = LLMEngine(target, EngineConfig(num_slots=batch, max_len=2048), tokenizer, decoder)
     sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     t0 = time.perf_counter()
@@ -45,7 +54,58 @@ def serve(target, tokenizer, draft, prompts, batch: int, lookahead: int | None, 
             "mean": statistics.mean(tps), "p50": percentile(tps, 50), "p5": percentile(tps, 5),
             "p95": percentile(tps, 95), "accept_length": statistics.mean(o.accept_length for o in outs),
             "aggregate_tokens_per_s": sum(o.num_output_tokens for o in outs) / wall,
+            "mean_lookahead": (sum(o.draft_tokens for o in outs) / max(sum(o.verify_steps for o in outs), 1)
+                               if decoder is not None else 0.0),
+            "explored_steps": controller.explored if controller else 0,
             "outputs": [o.output_ids for o in outs]}
+
+
+def parse_lookaheads(text: str) -> list[int | str]:
+    out: list[int | str] = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        if item == ADAPTIVE:
+            out.append(ADAPTIVE)
+        elif item.isdigit() and int(item) > 0:
+            out.append(int(item))
+        else:
+            raise ValueError(f"--lookaheads item {item!r}: use positive integers and/or 'adaptive'")
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The model-card table: one line per (batch, lookahead), tokens/s per request."""
+    lines = ["| batch | lookahead | mean tok/s | p50 | p5 | p95 | speedup | accept length | mean k |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        k = "none" if r["lookahead"] is None else r["lookahead"]
+        lines.append(f"| {r['batch']} | {k} | {r['mean']:.1f} | {r['p50']:.1f} | {r['p5']:.1f} | {r['p95']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['accept_length']:.2f} | {r['mean_lookahead']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in result["table"]:
+        if r["lookahead"] is not None:
+            series.setdefault(str(r["lookahead"]), []).append((r["batch"], r["speedup"]))
+    for name, pts in series.items():
+        ax.plot([b for b, _ in pts], [s for _, s in pts], marker="o",
+                label=f"lookahead {name}" if name != ADAPTIVE else "adaptive")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="no speculation")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (slots)")
+    ax.set_ylabel("speedup of mean tokens/s per request")
+    ax.set_title(f"draft: {result['draft']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def load(args):
@@ -64,7 +124,8 @@ def load(args):
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", default="1,4,8,16")
-    p.add_argument("--lookaheads", default="3,4,5")
+    p.add_argument("--lookaheads", default="3,4,5,adaptive",
+                   help="comma list of fixed lookaheads and/or 'adaptive' (over 0..the largest fixed one)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -75,17 +136,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=f"outputs/bench_spec/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch_sizes, args.lookaheads, args.prompts, args.max_tokens = "1,4", "4", 4, 16
+        args.batch_sizes, args.lookaheads, args.prompts, args.max_tokens = "1,4", "4,adaptive", 4, 16
     torch.set_num_threads(args.threads)
     target, tokenizer, draft, prompts = load(args)
     rows, identical = [], True
+    lookaheads = parse_lookaheads(args.lookaheads)
+    max_k = max([k for k in lookaheads if k != ADAPTIVE], default=5)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         base = serve(target, tokenizer, draft, prompts, batch, None, args.max_tokens)
         rows.append(base)
-        for k in [int(k) for k in args.lookaheads.split(",")]:
-            r = serve(target, tokenizer, draft, prompts, batch, k, args.max_tokens)
+        for k in lookaheads:
+            r = serve(target, tokenizer, draft, prompts, batch, k, args.max_tokens, max_lookahead=max_k)
             r["speedup"] = r["mean"] / base["mean"]
-            identical &= r["outputs"] == base["outputs"]
+            r["differing_outputs"] = sum(a != b for a, b in zip(r["outputs"], base["outputs"]))
+            identical &= r["differing_outputs"] == 0
             rows.append(r)
         base["speedup"] = 1.0
     b = int(args.batch_sizes.split(",")[-1]) if args.quick else 4
@@ -98,12 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_spec.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "bench_spec.png")
     print(f"draft: {result['draft']}, {args.dtype}, {len(prompts)} ShareGPT code prompts, {args.max_tokens} tokens each")
-    print(f"{'batch':>5} {'lookahead':>9} {'mean':>7} {'p50':>7} {'p5':>7} {'p95':>7} {'speedup':>8} {'accept':>7}")
-    for r in result["table"]:
-        k = "none" if r["lookahead"] is None else r["lookahead"]
-        print(f"{r['batch']:>5} {k:>9} {r['mean']:7.1f} {r['p50']:7.1f} {r['p5']:7.1f} {r['p95']:7.1f} "
-              f"{r['speedup']:7.2f}x {r['accept_length']:7.2f}")
+    print(markdown_table(result["table"]))
     off, on = result["capture"]
     print(f"trace capture at batch {off['batch']}, lookahead 4: {off['mean']:.1f} tok/s off, {on['mean']:.1f} on "
           f"(cost {100 * result['capture_cost']:.1f}%)")
