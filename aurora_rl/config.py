@@ -54,10 +54,11 @@ class EngineSection:
     threads: int = 0
     """Torch threads per worker (0 = the actor's CPU share)."""
     weight_poll_steps: int = 4
-    """Engine steps between checks for newer draft weights."""
+    """Engine steps between checks for newer draft weights (``engine.sglang.weight_poll_s`` for SGLang)."""
     sglang: dict[str, Any] = field(default_factory=dict)
-    """``engine.kind=sglang`` only: server arguments (tp_size, mem_fraction_static, dtype, ...), checked by
-    ``aurora_rl.sglang.args.SGLangServerConfig`` before launch."""
+    """``engine.kind=sglang`` only: server arguments (``SGLangServerConfig`` fields: tp_size,
+    mem_fraction_static, dtype, port, ...) and worker options (``SGLangWorkerOptions``: url, weight_poll_s,
+    ...), from ``aurora_rl.sglang.args``; ``validate`` checks them before any actor starts."""
 
 
 @dataclass
@@ -221,6 +222,35 @@ def validate(cfg: RunConfig) -> None:
         from aurora_rl.data.sharegpt import check_domain
 
         check_domain(phase["domain"])
+    if cfg.engine.kind == "sglang":
+        _validate_sglang(cfg)
+    elif cfg.engine.sglang:
+        raise ValueError(f"engine.sglang={dict(cfg.engine.sglang)} is only read with engine.kind=sglang, "
+                         f"not {cfg.engine.kind!r}")
+
+
+def _validate_sglang(cfg: RunConfig) -> None:
+    """The SGLang server arguments and what launching one per rollout worker needs."""
+    from aurora_rl.sglang.args import check_engine_section
+
+    engine = cfg.engine
+    if engine.lookahead < 1:
+        raise ValueError("engine.lookahead=0: engine.kind=sglang serves with EAGLE3 speculation and needs "
+                         "engine.lookahead >= 1")
+    if engine.adaptive_lookahead:
+        raise ValueError("engine.adaptive_lookahead=true is not supported with engine.kind=sglang: the lookahead "
+                         "is a server argument, fixed at launch")
+    options = check_engine_section(engine)
+    if options.worker.url is not None:
+        return
+    if cfg.model.target == "tiny" or cfg.model.target.endswith(".gguf"):
+        raise ValueError(f"model.target={cfg.model.target!r} cannot be loaded by SGLang; use a Hugging Face folder "
+                         "or hub id, or set engine.sglang.url to attach to a running server")
+    tp_size = int(options.server.get("tp_size", 1))
+    if cfg.cluster.rollout_gpus < tp_size:
+        raise ValueError(f"cluster.rollout_gpus={cfg.cluster.rollout_gpus} is too few: with engine.kind=sglang each "
+                         f"rollout worker launches an SGLang server on its own GPUs; set cluster.rollout_gpus >= "
+                         f"engine.sglang.tp_size={tp_size}, or engine.sglang.url to attach to a running server")
 
 
 def register_configs() -> None:

@@ -54,7 +54,9 @@ def test_default_config_validates_into_a_run_config():
 @pytest.mark.unit
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))])
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = _run_config([f"{group}={option}"])
+    # engine=sglang launches a server per rollout worker, on GPUs reserved for that worker
+    extra = ["cluster.rollout_gpus=1"] if (group, option) == ("engine", "sglang") else []
+    cfg = _run_config([f"{group}={option}", *extra])
     if group == "algorithm":
         assert cfg.algorithm.name == option
 
@@ -63,7 +65,7 @@ def test_every_group_option_composes_and_validates(group, option):
 def test_group_options_set_their_section():
     tiny = _run_config(["model=tiny"]).model
     assert (tiny.target, tiny.dtype, tiny.draft_vocab_size) == ("tiny", "float32", 64)
-    assert _run_config(["engine=sglang"]).engine.kind == "sglang"
+    assert _run_config(["engine=sglang", "cluster.rollout_gpus=1"]).engine.kind == "sglang"
     assert _run_config(["cluster=existing"]).cluster.address == "auto"
     shift = _run_config(["workload=shift"]).workload
     assert [p["domain"] for p in shift.phases] == ["code", "chat", "non_english"]

@@ -16,8 +16,6 @@ import time
 
 import pytest
 import torch
-from fastapi import FastAPI, Request  # module level: the mock's handlers annotate with Request
-from fastapi.responses import JSONResponse
 
 from aurora_rl.config import EngineSection
 from aurora_rl.models.eagle3_io import to_eagle3_tensors
@@ -26,6 +24,7 @@ from aurora_rl.sglang.client import (SGLangHTTPError, draft_update_body, parse_g
                                      serialize_named_tensors, to_sampling_params)
 from aurora_rl.sglang.engine import SGLangRollout
 from tests.conftest import tiny_target
+from tests.sglang_mock import MockSGLang
 from tests.test_speculative import make_draft
 
 pytestmark = pytest.mark.unit
@@ -122,10 +121,28 @@ def test_draft_update_body_targets_the_draft_only():
     body = draft_update_body(ser, version=5)
     assert body == {"serialized_named_tensors": ser, "load_format": None, "flush_cache": False,
                     "abort_all_requests": False, "weight_version": "5", "selector": "draft"}
-    assert len(ser) == 2 and ser[0] == ser[1]
-    decoded = pickle.loads(base64.b64decode(ser[0]))  # what sglang's MultiprocessingSerializer.deserialize does
-    assert [n for n, _ in decoded] == ["fc.weight", "d2t"]
-    torch.testing.assert_close(decoded[0][1], named[0][1])
+    assert len(ser) == 2
+    for payload in ser:  # one pickle per rank; what sglang's MultiprocessingSerializer.deserialize does
+        decoded = pickle.loads(base64.b64decode(payload))
+        assert [n for n, _ in decoded] == ["fc.weight", "d2t"]
+        torch.testing.assert_close(decoded[0][1], named[0][1])
+
+
+def test_draft_update_payload_reads_in_an_unrelated_process():
+    """The server is not our multiprocessing child: torch's default file-descriptor sharing fails there
+    (multiprocessing's resource sharer rejects the other process's authkey), file-system sharing works."""
+    import subprocess
+    import sys
+
+    named = [("fc.weight", torch.arange(6.0).view(2, 3))]
+    ser = serialize_named_tensors(named, tp_size=2)
+    reader = ("import base64, pickle, sys, torch\n"
+              "for s in sys.stdin.read().split():\n"
+              "    print(pickle.loads(base64.b64decode(s))[0][1].sum().item())\n")
+    out = subprocess.run([sys.executable, "-c", reader], input=" ".join(ser), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["15.0", "15.0"]
 
 
 # ---- recompute ----------------------------------------------------------------------------------
@@ -163,6 +180,29 @@ def test_recomputed_traces_feed_the_learner_without_proposal_rows():
     assert batch.proposals.shape[0] == 0 and batch.num_tokens > 0  # NTP/KL rows, no PG rows
 
 
+@pytest.mark.parametrize("algorithm", ["aurora", "eagle3_kl", "osd", "frozen"])
+def test_learner_on_sglang_traces_switches_off_the_proposal_terms_and_says_so(algorithm):
+    """Recomputed traces log no proposals: every algorithm still updates (or, frozen, reports) on their
+    features, the proposal-based terms see no rows, and the metrics count such traces."""
+    import math
+
+    from aurora_rl.training.learner import Learner, LearnerConfig
+
+    model, _ = tiny_target()
+    traces = [recompute_trace(model, [3, 17, 29], [50, 51, 9, 77], GENERATE_WITH_SPEC["meta_info"], 0,
+                              torch.float32).trace,
+              recompute_trace(model, [8, 4], [60, 61, 62], {}, 0, torch.float32).trace]
+    learner = Learner(make_draft(model, vocab=128), model.lm_head.weight,
+                      LearnerConfig(algorithm=algorithm, depth=3, warmup_steps=0))
+    m = learner.update(traces)
+    assert m["learner/traces_without_proposals"] == 2 and m["learner/traces"] == 2
+    assert m["data/num_steps"] == 0 and m["offpolicy/num_proposal_tokens"] == 0 and m["data/num_tokens"] > 0
+    assert all(math.isfinite(v) for v in m.values())
+    if algorithm == "aurora":
+        assert m["losses/pg"] == 0.0 and m["losses/ntp"] > 0.0
+    assert learner.policy_version == (0 if algorithm == "frozen" else 1)
+
+
 def test_recompute_rejects_empty_completion():
     model, _ = tiny_target()
     with pytest.raises(ValueError, match="0 output tokens"):
@@ -170,64 +210,6 @@ def test_recompute_rejects_empty_completion():
 
 
 # ---- end to end against a mock SGLang server ------------------------------------------------------
-class MockSGLang:
-    """A MOCK of the sglang 0.5.22 endpoints SGLangRollout uses (real SGLang cannot run here)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict]] = []
-        self.version, self.session, self.loaded_names = "default", False, []
-        app = FastAPI()
-
-        @app.get("/health")
-        def health():
-            return {}
-
-        @app.get("/get_server_info")
-        def info():
-            return {"version": "0.5.22", "speculative_algorithm": "EAGLE3", "speculative_num_steps": 3}
-
-        @app.post("/generate")
-        async def generate(request: Request):
-            body = await request.json()
-            self.calls.append(("/generate", body))
-            ids, sp = body["input_ids"], body["sampling_params"]
-            if ids[0] == 0:
-                return JSONResponse({"error": {"message": "mock failure"}}, status_code=500)
-            n = sp["max_new_tokens"]
-            out = [(ids[-1] + 1 + i) % 128 for i in range(n)]
-            verify = (n + 1) // 2
-            meta = {"id": body.get("rid"), "finish_reason": {"type": "length", "length": n},
-                    "prompt_tokens": len(ids), "weight_version": self.version, "completion_tokens": n,
-                    "cached_tokens": 0, "spec_verify_ct": verify, "spec_num_correct_drafts": n - verify,
-                    "spec_num_proposed_drafts": 3 * verify, "spec_accept_length": n / verify, "e2e_latency": 0.01}
-            return {"text": "", "output_ids": out, "meta_info": meta}
-
-        @app.post("/begin_weight_update")
-        async def begin(request: Request):
-            self.calls.append(("/begin_weight_update", await request.json()))
-            self.session = True
-            return {"success": True, "message": "ok"}
-
-        @app.post("/update_weights_from_tensor")
-        async def update(request: Request):
-            body = await request.json()
-            self.calls.append(("/update_weights_from_tensor", body))
-            if not self.session:  # 0.5.22 refuses tensor updates outside a session
-                return JSONResponse({"success": False, "message": "must run between begin_weight_update() and "
-                                     "end_weight_update()"}, status_code=400)
-            self.loaded_names = [n for n, _ in pickle.loads(base64.b64decode(body["serialized_named_tensors"][0]))]
-            self.version = body["weight_version"]
-            return {"success": True, "message": "Success"}
-
-        @app.post("/end_weight_update")
-        async def end(request: Request):
-            self.calls.append(("/end_weight_update", await request.json()))
-            self.session = False
-            return {"success": True, "message": "ok"}
-
-        self.app = app
-
-
 def _poll_until(worker, n, timeout_s=60.0):
     outputs, deadline = [], time.monotonic() + timeout_s
     while len(outputs) < n and time.monotonic() < deadline:

@@ -5,6 +5,7 @@ actors, serve and learn until the time or request budget is spent, stop the lear
 EAGLE3 export), evaluate the final draft against no speculation on held-out prompts, and write
 TensorBoard events, ``summary.json`` and ``curves.png`` into the run directory.
 ``serve(cfg, ...)`` starts the same actors and exposes worker 0 through the OpenAI-compatible HTTP front.
+Rollout workers are ``RolloutWorker`` (our engine) or, with ``engine.kind=sglang``, ``SGLangWorker``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,20 @@ def init_ray(cfg: RunConfig) -> bool:
     return True
 
 
+def rollout_worker_class(cfg: RunConfig, out: Path) -> tuple[type, dict[str, Any]]:
+    """The rollout actor for ``engine.kind`` and the extra keyword arguments it takes."""
+    if cfg.engine.kind == "sglang":
+        from aurora_rl.runtime.sglang_worker import SGLangWorker
+
+        return SGLangWorker, {"export_dir": str(out / "sglang")}
+    from aurora_rl.runtime.rollout import RolloutWorker
+
+    return RolloutWorker, {}
+
+
 def start_actors(cfg: RunConfig, draft: Eagle3Draft, head, out: Path) -> dict[str, Any]:
     from aurora_rl.runtime.buffer import TraceBuffer
     from aurora_rl.runtime.learner_actor import LearnerActor
-    from aurora_rl.runtime.rollout import RolloutWorker
     from aurora_rl.runtime.weights import WeightStore
 
     buffer = ray.remote(TraceBuffer).options(num_cpus=0).remote(cfg.buffer, cfg.seed)
@@ -52,10 +63,12 @@ def start_actors(cfg: RunConfig, draft: Eagle3Draft, head, out: Path) -> dict[st
     ray.get(store.publish.remote(0, initial[1]))
     head_ref = [ray.put(head)]
     c = cfg.cluster
+    worker_cls, extra = rollout_worker_class(cfg, out)
     workers = [
-        ray.remote(RolloutWorker).options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=-1,
-                                          max_concurrency=8, name=None).remote(
-            i, cfg.model, cfg.engine, draft.config, initial, buffer, store, cfg.seed, max(1, int(c.rollout_cpus)))
+        ray.remote(worker_cls).options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=-1,
+                                       max_concurrency=8, name=None).remote(
+            i, cfg.model, cfg.engine, draft.config, initial, buffer, store, cfg.seed, max(1, int(c.rollout_cpus)),
+            **extra)
         for i in range(c.rollout_workers)
     ]
     learner = ray.remote(LearnerActor).options(num_cpus=c.learner_cpus, num_gpus=c.learner_gpus, max_restarts=-1,
@@ -84,17 +97,24 @@ def prepare(cfg: RunConfig) -> tuple[Traffic, Eagle3Draft, Any, Any]:
     return traffic, draft, target.lm_head.weight.detach().float().clone(), tokenizer
 
 
-def evaluate(cfg: RunConfig, worker, traffic: Traffic) -> dict[str, float]:
-    """Final draft vs no speculation on held-out prompts, on one worker with no other traffic."""
+def evaluate(cfg: RunConfig, worker, traffic: Traffic) -> dict[str, float | None]:
+    """Final draft vs no speculation on held-out prompts, on one worker with no other traffic.
+
+    An SGLang replica speculates with the lookahead it was launched with, so it has no baseline
+    without speculation: ``plain_tokens_per_s`` and ``speedup`` are None there.
+    """
     prompts = [p for ps in traffic.held_out.values() for p in ps]
     params = {"max_tokens": cfg.eval.max_tokens, "temperature": 0.0}
     spec = ray.get(worker.evaluate.remote(prompts, params, cfg.engine.lookahead, cfg.eval.batch_size))
-    plain = ray.get(worker.evaluate.remote(prompts, params, 0, cfg.eval.batch_size))
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-    return {"prompts": len(prompts), "lookahead": cfg.engine.lookahead,
-            "accept_length": mean(spec, "accept_length"), "spec_tokens_per_s": mean(spec, "tokens_per_s"),
-            "plain_tokens_per_s": mean(plain, "tokens_per_s"),
-            "speedup": mean(spec, "tokens_per_s") / mean(plain, "tokens_per_s")}
+    result = {"prompts": len(prompts), "lookahead": cfg.engine.lookahead,
+              "accept_length": mean(spec, "accept_length"), "spec_tokens_per_s": mean(spec, "tokens_per_s"),
+              "plain_tokens_per_s": None, "speedup": None}
+    if cfg.engine.kind != "sglang":
+        plain = ray.get(worker.evaluate.remote(prompts, params, 0, cfg.eval.batch_size))
+        result["plain_tokens_per_s"] = mean(plain, "tokens_per_s")
+        result["speedup"] = result["spec_tokens_per_s"] / result["plain_tokens_per_s"]
+    return result
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -140,6 +160,9 @@ def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8000, learn: bool
           api_key: str | None = None, duration_s: float | None = None) -> None:
     """Serve the OpenAI-compatible API from worker 0, learning from its traffic unless ``learn`` is off."""
     validate(cfg)
+    if cfg.engine.kind == "sglang":
+        raise ValueError("serve needs engine.kind=native: with engine.kind=sglang, SGLang serves its own "
+                         "OpenAI-compatible API (see docs/SGLANG.md)")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     traffic, draft, head, tokenizer = prepare(cfg)

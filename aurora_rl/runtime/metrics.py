@@ -134,8 +134,9 @@ def format_table(summary: dict[str, Any]) -> str:
             ("tokens/s per request, last window", f"{e['tokens_per_s']:.1f}")]
     if ev:
         rows += [("held-out accept length (final draft)", f"{ev['accept_length']:.2f}"),
-                 ("held-out tokens/s, final draft", f"{ev['spec_tokens_per_s']:.1f}"),
-                 ("held-out tokens/s, no speculation", f"{ev['plain_tokens_per_s']:.1f}"),
-                 ("speedup over no speculation", f"{ev['speedup']:.2f}x")]
+                 ("held-out tokens/s, final draft", f"{ev['spec_tokens_per_s']:.1f}")]
+        if ev.get("speedup") is not None:  # None: an SGLang replica has no run without speculation
+            rows += [("held-out tokens/s, no speculation", f"{ev['plain_tokens_per_s']:.1f}"),
+                     ("speedup over no speculation", f"{ev['speedup']:.2f}x")]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -115,11 +115,75 @@ class SGLangServerConfig:
             "speculative_num_draft_tokens": engine.lookahead + 1,
             "max_running_requests": engine.num_slots, "context_length": engine.max_len,
         }
-        values.update(dict(getattr(engine, "sglang", None) or {}))
+        values.update(split_engine_options(dict(getattr(engine, "sglang", None) or {})).server)
         values.update(overrides)
         if values.get("speculative_eagle_topk", 1) == 1 and "speculative_num_draft_tokens" not in overrides:
             values["speculative_num_draft_tokens"] = values["speculative_num_steps"] + 1
         return cls.from_dict(values)
+
+
+@dataclass
+class SGLangWorkerOptions:
+    """The ``engine.sglang`` keys that configure the rollout worker rather than the server."""
+
+    url: str | None = None
+    """Attach to this running server (on the worker's host) instead of launching one per worker."""
+    api_key: str | None = None
+    """Bearer token of an attached server started with ``--api-key``."""
+    startup_timeout_s: float = 1800.0
+    """How long a launched server may take to become healthy (weights load, CUDA graphs)."""
+    weight_poll_s: float = 1.0
+    """Seconds between checks for newer draft weights in the WeightStore (there are no engine steps
+    to count here, so ``engine.weight_poll_steps`` does not apply)."""
+    export_dir: str | None = None
+    """Folder for the exported EAGLE3 drafts, one per version (None: ``sglang/`` in the run directory)."""
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not str(self.url).startswith(("http://", "https://")):
+            raise ValueError(f"engine.sglang.url must start with http:// or https://, got {self.url!r}")
+        for name in ("startup_timeout_s", "weight_poll_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"engine.sglang.{name} must be > 0, got {getattr(self, name)}")
+
+
+ENGINE_OWNED = {"model_path": "model.target", "draft_path": "model.draft",
+                "speculative_num_steps": "engine.lookahead", "max_running_requests": "engine.num_slots",
+                "context_length": "engine.max_len"}
+"""Server arguments that follow from other config keys; ``engine.sglang`` may not set them."""
+
+
+@dataclass
+class SGLangEngineOptions:
+    worker: SGLangWorkerOptions
+    server: dict[str, Any]
+    """The remaining keys: ``SGLangServerConfig`` fields."""
+
+
+def split_engine_options(values: dict[str, Any]) -> SGLangEngineOptions:
+    """Split an ``engine.sglang`` mapping into worker options and server arguments.
+
+    Unknown keys and keys owned by another config section are errors naming ``engine.sglang.<key>``.
+    """
+    worker_keys = [f.name for f in fields(SGLangWorkerOptions)]
+    server_keys = [f.name for f in fields(SGLangServerConfig) if f.name not in ENGINE_OWNED]
+    for key in sorted(values):
+        if key in ENGINE_OWNED:
+            raise ValueError(f"engine.sglang.{key} is set from {ENGINE_OWNED[key]}; set that instead")
+        if key not in worker_keys and key not in server_keys:
+            raise ValueError(f"engine.sglang.{key} is not a valid key; valid: {sorted(worker_keys + server_keys)}")
+    worker = SGLangWorkerOptions(**{k: v for k, v in values.items() if k in worker_keys})
+    return SGLangEngineOptions(worker, {k: v for k, v in values.items() if k in server_keys})
+
+
+def check_engine_section(engine: Any) -> SGLangEngineOptions:
+    """Validate ``engine`` (an ``EngineSection`` with ``kind=sglang``) as the server will see it,
+    before anything starts; every error names the config key (``engine.sglang.tp_size``, ...)."""
+    options = split_engine_options(dict(engine.sglang or {}))
+    try:
+        SGLangServerConfig.from_engine(engine, model_path="<model.target>", draft_path="<exported draft>")
+    except (ValueError, TypeError) as err:
+        raise ValueError(str(err).replace("SGLangServerConfig.", "engine.sglang.")) from None
+    return options
 
 
 def build_launch_command(cfg: SGLangServerConfig) -> list[str]:

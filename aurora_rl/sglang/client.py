@@ -14,8 +14,8 @@ Request and response fields are those of sglang 0.5.22 (``srt/entrypoints/http_s
   ``POST /update_weights_from_tensor`` with ``selector: "draft"``, which must run inside a
   ``POST /begin_weight_update`` / ``POST /end_weight_update`` session. Its ``serialized_named_tensors``
   holds, per TP rank, a base64 ForkingPickler payload of ``[(name, tensor), ...]`` (what sglang's
-  ``MultiprocessingSerializer.serialize(..., output_str=True)`` writes); CPU tensors travel as shared
-  memory, so the caller must run on the server's host.
+  ``MultiprocessingSerializer.serialize(..., output_str=True)`` writes); CPU tensors travel as named
+  shared memory (torch's ``file_system`` strategy), so the caller must run on the server's host.
 - ``GET /health`` (200 once a generation works), ``GET /get_server_info``.
 
 Every failure raises ``SGLangHTTPError`` naming the endpoint and the HTTP status.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,17 +128,37 @@ def parse_generate_response(body: Any, request_id: str = "") -> GenerateResult:
     )
 
 
+_SHARING_LOCK = threading.Lock()
+
+
 def serialize_named_tensors(named: list[tuple[str, torch.Tensor]], tp_size: int) -> list[str]:
     """What sglang's ``MultiprocessingSerializer.serialize(named, output_str=True)`` produces, once per
-    TP rank: ForkingPickler (torch's shared-memory reductions) then base64. Same host only."""
+    TP rank: ForkingPickler (torch's shared-memory reductions) then base64. Same host only.
+
+    CPU tensors are shared under torch's ``file_system`` strategy: the default ``file_descriptor``
+    one hands descriptors over multiprocessing's resource sharer, which only answers processes that
+    share this process's multiprocessing authkey (its own children), so a server that was launched
+    as a plain subprocess, or started by hand, could not read them (``AuthenticationError``).
+    The caller keeps the tensors alive until the server has answered.
+    """
     from multiprocessing.reduction import ForkingPickler
 
+    import torch.multiprocessing as tmp
     from torch.multiprocessing import reductions  # noqa: F401  (registers torch's tensor reductions)
 
-    buf = io.BytesIO()
-    ForkingPickler(buf).dump([(n, t.contiguous()) for n, t in named])
-    payload = base64.b64encode(buf.getvalue()).decode("ascii")
-    return [payload] * tp_size
+    tensors = [(n, t.contiguous()) for n, t in named]
+    payloads = []
+    with _SHARING_LOCK:
+        previous = tmp.get_sharing_strategy()
+        tmp.set_sharing_strategy("file_system")
+        try:
+            for _ in range(tp_size):  # one pickle per rank, as sglang's own callers do
+                buf = io.BytesIO()
+                ForkingPickler(buf).dump(tensors)
+                payloads.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+        finally:
+            tmp.set_sharing_strategy(previous)
+    return payloads
 
 
 def draft_update_body(serialized: list[str], version: int | str, flush_cache: bool = False) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class SGLangRollout:
         self._started = False
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=f"sglang-{index}")
         self._lock, self._target_lock, self._start_lock = threading.Lock(), threading.Lock(), threading.Lock()
+        self._flush_lock = threading.Lock()  # two flushes at once would send the same traces twice
         self._done: list[dict] = []
         self._held: list[RecomputedTrace] = []
         self._in_flight = 0
@@ -168,7 +169,7 @@ class SGLangRollout:
                                "error": f"{type(exc).__name__}: {exc}", "t": time.time(), "source": SOURCE})
 
     def poll(self) -> dict[str, Any]:
-        self._flush_traces()
+        self.flush_traces()
         with self._lock:
             done, self._done = self._done, []
         return {"outputs": done, "stats": self.stats()}
@@ -179,23 +180,25 @@ class SGLangRollout:
             held, self._held = self._held, []
         return held
 
-    def _flush_traces(self) -> None:
+    def flush_traces(self) -> None:
+        """Ship held traces to ``buffer`` (a TraceBuffer actor); those it refuses stay held."""
         if self.buffer is None:
             return
         import ray  # only when wired into the Ray runtime
 
         from aurora_rl.runtime.buffer import Entry
 
-        with self._lock:
-            held = list(self._held)
-        if not held:
-            return
-        entries = [Entry([ray.put(rt.trace)], rt.trace.nbytes(), rt.counters.policy_version, rt.trace.request_id)
-                   for rt in held]
-        taken = ray.get(self.buffer.put.remote(entries))
-        with self._lock:
-            self.traces_sent += taken
-            self._held = self._held[taken:]
+        with self._flush_lock:
+            with self._lock:
+                held = list(self._held)
+            if not held:
+                return
+            entries = [Entry([ray.put(rt.trace)], rt.trace.nbytes(), rt.counters.policy_version, rt.trace.request_id)
+                       for rt in held]
+            taken = ray.get(self.buffer.put.remote(entries))
+            with self._lock:
+                self.traces_sent += taken
+                self._held = self._held[taken:]
 
     def stats(self) -> dict[str, float]:
         with self._lock:

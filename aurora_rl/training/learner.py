@@ -100,6 +100,9 @@ class Learner:
         tokens = sum(b.num_tokens for b in batches) * cfg.replay_ratio
         totals["learner/trained_tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
         totals["learner/traces"] = float(len(traces))
+        # Traces with no logged verify steps (SGLang's, recomputed) add no proposal rows: the terms
+        # built on proposals (acceptance reward, off-policy correction) get nothing from them.
+        totals["learner/traces_without_proposals"] = float(sum(t.verify_steps == 0 for t in traces))
         return totals
 
     def _step(self, batches) -> dict[str, float]:
