@@ -45,8 +45,10 @@ class EngineSection:
     """Context limit per request."""
     lookahead: int = 4
     """Draft tokens per step (0 disables speculation)."""
-    adaptive_lookahead: bool = False
-    """Choose the lookahead per step from measured acceptance and step costs."""
+    adaptive_lookahead: bool = True
+    """Choose the lookahead per step in 0..``lookahead`` from measured acceptance and step costs (the
+    serving default: never slower than no speculation). Off = every step speculates ``lookahead``
+    tokens, which experiments that measure acceptance at a fixed lookahead want."""
     capture_traces: bool = True
     """Record traces for the learner (off = serve only)."""
     trace_dtype: str = "bfloat16"

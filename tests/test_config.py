@@ -15,7 +15,7 @@ URL = "http://127.0.0.1:30000"
 def sglang_config(sglang: dict | None = None, rollout_gpus: float = 1.0, target: str = "meta-llama/Llama-3.1-8B",
                   **engine) -> RunConfig:
     return RunConfig(model=ModelSection(target=target),
-                     engine=EngineSection(**{"kind": "sglang", "lookahead": 4, "sglang": dict(sglang or {}), **engine}),
+                     engine=EngineSection(**{"kind": "sglang", "lookahead": 4, "adaptive_lookahead": False, "sglang": dict(sglang or {}), **engine}),
                      cluster=ClusterSection(rollout_gpus=rollout_gpus), output_dir="/tmp/aurora-rl-test")
 
 

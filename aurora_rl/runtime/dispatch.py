@@ -100,6 +100,8 @@ class Dispatcher:
                     continue
                 self.answered += 1
                 self.errors += r["status"] != "finished"
+                r["index"] = index = int(r["request_id"][1:])
+                r["domain"] = self.traffic.requests[index][1]
                 self.logger.request(r)
                 self.bar.update(1)
             stats = res["stats"]

@@ -114,6 +114,11 @@ def evaluate(cfg: RunConfig, worker, traffic: Traffic) -> dict[str, float | None
         plain = ray.get(worker.evaluate.remote(prompts, params, 0, cfg.eval.batch_size))
         result["plain_tokens_per_s"] = mean(plain, "tokens_per_s")
         result["speedup"] = result["spec_tokens_per_s"] / result["plain_tokens_per_s"]
+        # The serving default: the adaptive controller picks k in 0..lookahead each step.
+        adaptive = ray.get(worker.evaluate.remote(prompts, params, None, cfg.eval.batch_size))
+        result["adaptive_accept_length"] = mean(adaptive, "accept_length")
+        result["adaptive_tokens_per_s"] = mean(adaptive, "tokens_per_s")
+        result["adaptive_speedup"] = result["adaptive_tokens_per_s"] / result["plain_tokens_per_s"]
     return result
 
 

@@ -64,6 +64,9 @@ class LearnerActor:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.refused = 0
+        self.published_version = self.learner.policy_version
+        """The newest version this learner has in the store (a rule that makes no step, like ``frozen``,
+        never has anything new to publish)."""
         self.error: str | None = None
 
     def info(self) -> dict[str, Any]:
@@ -119,15 +122,20 @@ class LearnerActor:
 
     def publish(self) -> bool:
         """Put the current weights in the object store and announce them, unless any is non-finite."""
+        version = self.learner.policy_version
+        if version <= self.published_version:
+            return False
         state = self.learner.publishable_state()
         bad = check_finite(state)
-        version = self.learner.policy_version
         if bad:
             self.refused += 1
             log.error("refusing to publish version %d: non-finite tensors %s", version, bad[:4])
             ray.get(self.store.refuse.remote(version, bad))
             return False
-        return bool(ray.get(self.store.publish.remote(version, [ray.put(state)])))
+        published = bool(ray.get(self.store.publish.remote(version, [ray.put(state)])))
+        if published:
+            self.published_version = version
+        return published
 
     def checkpoint(self) -> str:
         return str(save_checkpoint(self.learner, self.checkpoint_dir, keep_last=2))

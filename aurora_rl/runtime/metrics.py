@@ -1,5 +1,6 @@
-"""Run metrics: TensorBoard scalars (serve/, spec/, learner/, system/), a PNG of the main curves, and
-the summary figures (also written as JSON).
+"""Run metrics: TensorBoard scalars (serve/, spec/, learner/, system/), one JSON line per answered
+request (``requests.jsonl``: what experiment analyses read), a PNG of the main curves, and the summary
+figures (also written as JSON).
 
 The x axis of serving curves is requests served; learner and system scalars use wall seconds since
 the start of the run (``walltime`` is also recorded by TensorBoard itself).
@@ -30,13 +31,15 @@ class RunLogger:
         self.writer.add_text("config", "```\n" + config_text + "\n```")
         self.t0 = time.time()
         self.requests: list[dict[str, Any]] = []
+        self._requests_file = open(self.out / "requests.jsonl", "w", encoding="utf-8", buffering=1)
         self._last_depth: dict[str, float] = {}
 
     def elapsed(self) -> int:
         return int((time.time() - self.t0) * 1000)
 
     def request(self, r: dict[str, Any]) -> None:
-        """One finished request: its accept length and tokens/s, and the moving window."""
+        """One answered request: a line of ``requests.jsonl``; a finished one also goes to the curves."""
+        self._requests_file.write(json.dumps(r, default=str) + "\n")
         if r.get("status") != "finished":
             return
         self.requests.append(r)
@@ -109,6 +112,7 @@ class RunLogger:
         return path
 
     def close(self) -> None:
+        self._requests_file.close()
         self.writer.flush()
         self.writer.close()
 
@@ -138,5 +142,8 @@ def format_table(summary: dict[str, Any]) -> str:
         if ev.get("speedup") is not None:  # None: an SGLang replica has no run without speculation
             rows += [("held-out tokens/s, no speculation", f"{ev['plain_tokens_per_s']:.1f}"),
                      ("speedup over no speculation", f"{ev['speedup']:.2f}x")]
+        if ev.get("adaptive_speedup") is not None:
+            rows += [("held-out accept length, adaptive lookahead", f"{ev['adaptive_accept_length']:.2f}"),
+                     ("speedup over no speculation, adaptive", f"{ev['adaptive_speedup']:.2f}x")]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -164,13 +164,25 @@ class RolloutWorker:
         self._http = serve(app, host=host, port=port)
         return self._http.url
 
-    def evaluate(self, prompts: list[list[int]], params: dict, lookahead: int, batch_size: int) -> list[dict]:
-        """Serve ``prompts`` ``batch_size`` at a time with the given lookahead; no traces are kept."""
+    def evaluate(self, prompts: list[list[int]], params: dict, lookahead: int | None, batch_size: int) -> list[dict]:
+        """Serve ``prompts`` ``batch_size`` at a time with the given lookahead (None: adaptive, over
+        0..``engine.lookahead``, with a fresh controller unless the worker already runs one); no traces
+        are kept."""
+        from aurora_rl.engine.adaptive import AdaptiveLookahead
+
+        controller = None
+        if lookahead is None and self.decoder.lookahead_fn is None:
+            controller = AdaptiveLookahead(self.cfg.lookahead).attach(self.decoder)
+        tag = "adaptive" if lookahead is None else lookahead
         results = []
-        for i in range(0, len(prompts), batch_size):
-            futs = [self.loop.submit(p, SamplingParams(**params, lookahead=lookahead), request_id=f"eval-{lookahead}-{i + j}")
-                    for j, p in enumerate(prompts[i:i + batch_size])]
-            results += [summarize(f.result(), self.index, self.decoder.policy_version) for f in futs]
+        try:
+            for i in range(0, len(prompts), batch_size):
+                futs = [self.loop.submit(p, SamplingParams(**params, lookahead=lookahead), request_id=f"eval-{tag}-{i + j}")
+                        for j, p in enumerate(prompts[i:i + batch_size])]
+                results += [summarize(f.result(), self.index, self.decoder.policy_version) for f in futs]
+        finally:
+            if controller is not None:
+                controller.detach(self.decoder)
         return results
 
     def shutdown(self) -> None:

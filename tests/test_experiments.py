@@ -1,0 +1,79 @@
+"""The day0 and shift experiments in their short modes (tiny random model, real Ray runs), and the
+analysis pieces they are built from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    # experiments/ is not a package: load the script as a module, in-process.
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location(f"exp_{name}", ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.unit
+def test_recovery_counts_requests_until_back_within_90_percent():
+    recovery = load("shift").recovery
+    acc = [2.0, 2.0, 2.0, 1.0, 1.2, 1.9, 1.9, 1.9]
+    # Moving mean of window 2 over requests since the shift (index 3): 1.0, 1.1, 1.55, 1.9 >= 1.8.
+    assert recovery(acc, 3, pre_level=2.0, window=2) == 4
+    assert recovery(acc, 3, pre_level=2.0, window=1) == 3
+    assert recovery(acc[:5], 3, pre_level=2.0, window=2) is None
+
+
+@pytest.mark.unit
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        load("day0").parse_args(["--arms", "aurora,best"])
+    with pytest.raises(SystemExit):
+        load("shift").parse_args(["--phases", "code:10"])
+    with pytest.raises(SystemExit):
+        load("shift").parse_args(["--phases", "code=10,chat=5"])
+
+
+@pytest.mark.smoke
+def test_day0_short(tmp_path):
+    out = tmp_path / "day0"
+    load("day0").main(["--short", "--arms", "osd,no_spec", "--out", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["arms"]) == {"osd", "no_spec"} and result["mode"] == "short"
+    osd, base = result["arms"]["osd"], result["arms"]["no_spec"]
+    assert osd["requests"] == base["requests"] == 6
+    # Paired against itself, the baseline's speedup is exactly 1 request by request.
+    assert base["curve"]["paired_speedup"] == pytest.approx([1.0] * 6)
+    assert all(math.isfinite(x) and x > 0 for x in osd["curve"]["paired_speedup"])
+    assert osd["final_policy_version"] >= 1 and base["final_policy_version"] == 0
+    ev = osd["eval"]
+    assert ev["accept_length"] >= 1.0 and ev["speedup"] > 0 and ev["adaptive_speedup"] > 0
+    lines = (out / "osd" / "requests.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["index"] for x in lines) == list(range(6))
+    assert (out / "day0.png").stat().st_size > 0 and "| osd | 6 |" in (out / "results.md").read_text()
+
+
+@pytest.mark.smoke
+def test_shift_short(tmp_path):
+    out = tmp_path / "shift"
+    load("shift").main(["--short", "--out", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    assert [p["domain"] for p in result["phases"]] == ["code", "chat", "all"]
+    for arm in ("online", "frozen"):
+        r = result["arms"][arm]
+        assert r["requests"] == 16
+        assert r["domains"] == ["code"] * 4 + ["chat"] * 6 + ["all"] * 6
+        assert len(r["accept_length_per_phase"]) == 3 and len(r["recovery_requests"]) == 2
+    assert max(result["arms"]["frozen"]["policy_version"]) == 0
+    assert max(result["arms"]["online"]["policy_version"]) >= 0
+    assert result["online_over_frozen_shifted"] > 0
+    assert (out / "shift.png").stat().st_size > 0
