@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, fmt, load_requests, machine, mean, rolling, run_arm, say, write_json  # noqa: E402
+from common import (ROOT, fmt, load_requests, machine, mean, pyplot, rolling, run_arm, save_figure, say,
+                    write_json)  # noqa: E402
 
 ARMS = {
     "aurora": ["algorithm=aurora"],
@@ -102,11 +103,7 @@ def markdown(result: dict, args) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for a, r in result["arms"].items():
         n = list(range(1, r["requests"] + 1))
@@ -122,9 +119,7 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     axes[2].axhline(1.0, color="grey", lw=0.8, ls="--")
     fig.suptitle(f"day 0: learning online from a random draft (window {result['window']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

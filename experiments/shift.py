@@ -6,7 +6,7 @@ keeps it; ``online`` goes on learning with aurora. Per phase: mean accept length
 recovery (requests served until the moving mean is back within 90% of the last pre-shift level; "not
 recovered" when it never is) and the online/frozen ratio of accept length on the shifted phases.
 
-    python experiments/shift.py                    # full: SmolLM2-135M, 32 code + 64 chat + 40 non-English
+    python experiments/shift.py                    # full: SmolLM2-135M, 32 code + 48 chat + 32 non-English
     python experiments/shift.py --short            # minutes: tiny random model, random-token "domains"
 
 Writes ``<out>/results.json``, ``<out>/results.md``, ``<out>/shift.png`` and one run directory per arm.
@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, fmt, load_requests, machine, mean, rolling, run_arm, say, write_json  # noqa: E402
+from common import (ROOT, fmt, load_requests, machine, mean, pyplot, rolling, run_arm, save_figure, say,
+                    write_json)  # noqa: E402
 
 ARMS = {"online": ["algorithm=aurora"], "frozen": ["algorithm=frozen"]}
 WINDOW = 8
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--short", action="store_true", help="tiny random model, a few requests (CI smoke test)")
     p.add_argument("--phases", default=None,
-                   help="domain:requests,... (full code:32,chat:64,non_english:40; short code:4,chat:6,all:6 of random tokens)")
+                   help="domain:requests,... (full code:32,chat:48,non_english:32; short code:4,chat:6,all:6 of random tokens)")
     p.add_argument("--start-draft", default=None,
                    help="EAGLE3 folder both arms start from (default: experiments/results/day0/aurora/draft, "
                         "else a random day-0 draft)")
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true", help="keep arms that already finished in --out")
     p.add_argument("overrides", nargs="*", help="extra aurora-rl overrides for both arms")
     args = p.parse_args(argv)
-    text = args.phases or ("code:4,chat:6,all:6" if args.short else "code:32,chat:64,non_english:40")
+    text = args.phases or ("code:4,chat:6,all:6" if args.short else "code:32,chat:48,non_english:32")
     try:
         args.phases = [(d.strip(), int(n)) for d, n in (item.split(":") for item in text.split(","))]
     except ValueError:
@@ -123,11 +124,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     for arm, r in result["arms"].items():
         ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=arm)
@@ -142,9 +139,7 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("traffic shift: online aurora vs frozen draft")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
