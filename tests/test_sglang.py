@@ -273,6 +273,11 @@ def test_sglang_rollout_end_to_end_against_mock_server(tmp_path):
         assert [rt.counters.policy_version for rt in sunk if rt.trace.request_id == "c"] == [1]
         assert worker.evaluate([[5, 6]], {"max_tokens": 2}, lookahead=3, batch_size=1)[0]["output_tokens"] == 2
         assert worker.stats()["sglang/traces"] == 3  # evaluation keeps no traces
+
+        # Exports do not pile up: only the newest two folders stay on disk.
+        for version in (3, 4, 5):
+            worker.swap_draft(draft.state_dict(), version=version)
+        assert sorted(f.name for f in tmp_path.glob("draft-v*")) == ["draft-v000004", "draft-v000005"]
     finally:
         worker.shutdown()
         handle.stop()

@@ -15,6 +15,7 @@ version, without a restart. Nothing here imports sglang.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import threading
 import time
@@ -33,6 +34,8 @@ from aurora_rl.sglang.recompute import SOURCE, RecomputedTrace, parse_policy_ver
 
 log = logging.getLogger(__name__)
 MAX_HELD_TRACES = 256
+KEEP_EXPORTS = 2
+"""Exported draft folders kept on disk per replica (plus the launch one)."""
 
 
 @dataclass
@@ -266,7 +269,17 @@ class SGLangRollout:
         with self._lock:
             self.policy_version, self.swaps, self.swap_ms = version, self.swaps + 1, seconds * 1000
         log.info("worker %d: draft v%d swapped into SGLang in %.2f s (%s)", self.index, version, seconds, folder)
+        self._prune_exports(folder.parent)
         return SwapResult(version, folder, seconds)
+
+    def _prune_exports(self, folder: Path) -> None:
+        """Delete exported draft folders but the newest ``KEEP_EXPORTS`` and the one the server was
+        launched with (a restart of the server loads that one): a long run swaps thousands of times."""
+        launched = Path(self.server.draft_path).resolve() if self.server is not None else None
+        exports = sorted(folder.glob("draft-v*"))
+        for old in exports[:-KEEP_EXPORTS]:
+            if old.resolve() != launched:
+                shutil.rmtree(old, ignore_errors=True)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
