@@ -30,13 +30,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--short", action="store_true", help="the benchmark's quick mode")
-    p.add_argument("--draft", default=None, help=f"EAGLE3 draft folder (default {DAY0_DRAFT} if it exists)")
+    p.add_argument("--draft", default=None,
+                   help=f"EAGLE3 draft folder, or 'random' for a day-0 draft (default {DAY0_DRAFT} if it exists)")
     p.add_argument("--out", default=None, help="default experiments/results/table[_short]")
     p.add_argument("--threads", type=int, default=2)
     args, rest = p.parse_known_args(argv)
     draft = args.draft or (str(DAY0_DRAFT) if DAY0_DRAFT.is_dir() else None)
+    draft = None if draft == "random" else draft
     out = Path(args.out or ROOT / "experiments" / "results" / ("table_short" if args.short else "table"))
-    if draft is None:
+    if draft is None and args.draft != "random":
         say("no trained draft found (run experiments/day0.py first): the table uses a day-0 random draft")
     argv2 = [*(["--quick"] if args.short else []), "--threads", str(args.threads), "--out", str(out),
              *(["--draft", draft] if draft else []), *rest]

@@ -112,8 +112,28 @@ def test_exploration_stays_in_range_and_visits_neighbours():
     for _ in range(50):  # make k = 0 best: useless draft, costs grow
         ctrl.observe(1, 1, 1.5, [1], [0])
         ctrl.observe(1, 0, 1.0, [], [])
-    assert {ctrl.choose(1) for _ in range(20)} == {1}  # always exploring, from k* = 0 only to 1
+    # always exploring, yet never up to k = 1: 50 rejected proposals bound its acceptance below what the
+    # 1.5x dearer step needs (optimistic alpha about 0.09 < 0.5)
+    assert ctrl.optimistic_alphas()[0] < 0.1
+    assert {ctrl.choose(1) for _ in range(20)} == {0}
+    ctrl.forget(0.98)  # a new draft (hot swap): little evidence left, k = 1 might pay again
+    assert ctrl.optimistic_alphas()[0] > 0.5
+    assert {ctrl.choose(1) for _ in range(20)} == {1}  # from k* = 0 only to 1
     assert {AdaptiveLookahead(0, AdaptiveConfig(epsilon=1.0)).choose(4) for _ in range(20)} == {0}
+
+
+@pytest.mark.unit
+def test_a_hot_swap_halves_the_acceptance_evidence():
+    model, _ = tiny_target()
+    dec = SpecDecoder(make_draft(model), 2, 64, SpecConfig(lookahead=2, capture_traces=False))
+    ctrl = AdaptiveLookahead(2).attach(dec)
+    engine = LLMEngine(model, EngineConfig(num_slots=2, max_len=64), decoder=dec)
+    engine.generate(prompts(2), SamplingParams(max_tokens=20, ignore_eos=True))
+    before = ctrl._proposed[0]
+    assert before > 0
+    dec.load_draft_state({}, version=1)
+    engine.generate(prompts(1), SamplingParams(max_tokens=2, ignore_eos=True))  # one step at most adds k rows
+    assert ctrl._proposed[0] <= 0.5 * before + 2
 
 
 @pytest.mark.unit

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.unit
@@ -18,11 +21,14 @@ def test_lookahead_list_is_checked():
 
 @pytest.mark.smoke
 def test_bench_spec_quick(tmp_path, smollm2_dir):
-    from aurora_rl.bench_spec import main
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from table import main  # experiments/table.py: the table experiment's short mode is this benchmark's quick mode
 
     # float32: in bf16 a verify of k+1 tokens and a 1-token decode round differently, and the adaptive
     # controller picks k from wall time, so near-tied argmaxes may flip between runs (see docs/RESULTS.md).
-    r = main(["--quick", "--threads", "1", "--dtype", "float32", "--out", str(tmp_path)])
+    r = main(["--short", "--draft", "random", "--threads", "1", "--dtype", "float32", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench_spec.json").read_text())
     assert data["greedy_outputs_identical"] is True
     assert [(row["batch"], row["lookahead"]) for row in data["table"]] == [
@@ -33,4 +39,5 @@ def test_bench_spec_quick(tmp_path, smollm2_dir):
     adaptive = [row for row in data["table"] if row["lookahead"] == "adaptive"]
     assert all(0.0 <= row["mean_lookahead"] <= 4.0 for row in adaptive)
     assert (tmp_path / "bench_spec.png").stat().st_size > 0
+    assert "| 4 | adaptive |" in (tmp_path / "results.md").read_text() and r["machine"]["cores"] >= 1
     assert r["capture"][0]["capture"] is False and r["capture"][1]["capture"] is True

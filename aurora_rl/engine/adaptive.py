@@ -25,9 +25,11 @@ Model, per batch size B and lookahead k in 0..K (one k for the whole batch):
   and t growing with k the answer is k = 0 at every batch size.
 - Exploration: the prior is optimistic (alpha 0.6, cheap extra tokens), so new (bucket, k) cells get
   tried; on top, with probability eps = max(eps_min, eps0 * d / (d + steps)) a step uses a neighbour
-  k* +- 1. The floor never decays: at k* = 0 the occasional k = 1 step keeps alpha_1 measured, so a
-  draft that learns (or is hot-swapped) is noticed. Its cost is bounded: eps_min of the steps at a
-  neighbouring k.
+  k* +- 1. A step up to k* + 1 is only taken while it could still pay: its throughput with optimistic
+  acceptance (an upper confidence bound, alpha + 2 sd + 1/n over the n proposals remembered at each
+  depth) must beat k*'s. So a draft shown to be useless stops costing exploration steps, while a new
+  draft is noticed: when the decoder's policy version changes (a hot swap), the acceptance evidence is
+  halved (``forget``), the bound widens and exploration resumes.
 
 Not modelled: engine time outside ``decode`` (scheduling, prefill), which only makes the choice
 conservative; greedy and sampled requests share one acceptance model. ``SpecDecoder`` feeds the
@@ -41,6 +43,7 @@ adopted.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -188,6 +191,25 @@ class AdaptiveLookahead:
         cells = {k: (m, n) for k, (m, n) in self._cost.get(b, {}).items()}
         return predict_costs(cells, self.max_lookahead, self.config.prior_slope)
 
+    def optimistic_alphas(self) -> list[float]:
+        """Upper confidence bounds of the per-depth acceptance (alpha + 2 sd + 1/n, capped at 1)."""
+        out = []
+        for a, n in zip(self.alphas(), self._proposed):
+            n = n + self.config.prior_weight
+            out.append(min(1.0, a + 2.0 * math.sqrt(a * (1.0 - a) / n) + 1.0 / n))
+        return out
+
+    def forget(self, fraction: float = 0.5) -> None:
+        """Drop ``fraction`` of the acceptance evidence (the draft changed; costs still hold)."""
+        keep = 1.0 - fraction
+        self._proposed = [x * keep for x in self._proposed]
+        self._accepted = [x * keep for x in self._accepted]
+
+    def _may_pay(self, k_up: int, k_best: int, costs: list[float]) -> bool:
+        """Could k_up beat k_best if acceptance were at its optimistic bound?"""
+        return (expected_tokens(self.optimistic_alphas(), k_up) / costs[k_up] >
+                expected_tokens(self.alphas(), k_best) / costs[k_best])
+
     def expected_tokens_per_s(self, batch: int, k: int) -> float:
         return batch * expected_tokens(self.alphas(), k) / self.costs(batch)[k]
 
@@ -195,12 +217,15 @@ class AdaptiveLookahead:
     def choose(self, batch: int) -> int:
         """This step's k: the model's best, or with probability eps a neighbour of it."""
         cfg, K = self.config, self.max_lookahead
-        k = best_lookahead(self.alphas(), self.costs(batch), cfg.min_gain)
+        costs = self.costs(batch)
+        k = best_lookahead(self.alphas(), costs, cfg.min_gain)
         eps = max(cfg.epsilon_min, cfg.epsilon * cfg.epsilon_decay_steps / (cfg.epsilon_decay_steps + self.steps))
         self.steps += 1
         if K > 0 and self._rng.random() < eps:
-            k = 1 if k == 0 else K - 1 if k == K else k + self._rng.choice((-1, 1))
-            self.explored += 1
+            other = 1 if k == 0 else K - 1 if k == K else k + self._rng.choice((-1, 1))
+            if other < k or self._may_pay(other, k, costs):
+                k = other
+                self.explored += 1
         if k != self.last_k:
             log.debug("lookahead %d -> %d at batch %d", self.last_k, k, batch)
         self.last_k = k
@@ -237,7 +262,13 @@ class AdaptiveLookahead:
             raise ValueError("decoder already has a wrapped decode (attached twice?)")
         inner = decoder.decode
 
+        self._version = getattr(decoder, "policy_version", None)
+
         def decode(engine, seqs: list[Sequence]) -> None:
+            version = getattr(decoder, "policy_version", None)
+            if version != self._version:  # a hot-swapped draft: what we know of its acceptance is stale
+                self._version = version
+                self.forget(0.5)
             p0, a0 = list(decoder.depth_proposed), list(decoder.depth_accepted)
             c0 = getattr(decoder, "catch_up_s", 0.0)
             t0 = self.clock()
