@@ -18,7 +18,8 @@ from torch import nn
 
 from aurora_rl.models.config import ModelConfig
 from aurora_rl.models.kv_cache import SlotKVCache
-from aurora_rl.models.layers import GatedMLP, RMSNorm, RotaryTable, apply_rope, attend, causal_mask
+from aurora_rl.models import cpu_kernels
+from aurora_rl.models.layers import GatedMLP, Linear, RMSNorm, RotaryTable, apply_rope, attend, causal_mask
 
 
 @dataclass(slots=True)
@@ -68,6 +69,10 @@ class DraftOutput:
     """Pre-norm hidden state [B, T, H]: the next depth's input."""
 
 
+NATIVE_ATTENTION_MAX_TOKENS = 8
+"""Most queries per row that take the native attention kernel (it makes one pass per group of four)."""
+
+
 class Eagle3Draft(nn.Module):
     def __init__(self, cfg: DraftConfig) -> None:
         super().__init__()
@@ -76,15 +81,15 @@ class Eagle3Draft(nn.Module):
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, hd
         self.embed = nn.Embedding(cfg.vocab_size, H)
         self.embed.weight.requires_grad_(False)
-        self.fc = nn.Linear(cfg.num_taps * cfg.target_hidden_size, H, bias=False)
+        self.fc = Linear(cfg.num_taps * cfg.target_hidden_size, H, bias=False)
         self.input_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
-        self.qkv = nn.Linear(2 * H, (self.nh + 2 * self.nkv) * hd, bias=False)
-        self.o = nn.Linear(self.nh * hd, H, bias=False)
+        self.qkv = Linear(2 * H, (self.nh + 2 * self.nkv) * hd, bias=False)
+        self.o = Linear(self.nh * hd, H, bias=False)
         self.post_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.mlp = GatedMLP(H, cfg.intermediate_size)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(H, cfg.draft_vocab_size, bias=False)
+        self.lm_head = Linear(H, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
         self.rope = RotaryTable(hd, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, torch.float32)
@@ -175,9 +180,16 @@ class Eagle3Draft(nn.Module):
 
         q, k, v = self.project_qkv(token_ids, hidden, positions)
         cache.write(0, slots, positions, k, v)
-        keys, values = cache.view(0, slots, kv_len)
-        uniform = positions.shape[1] == 1 and bool((positions == kv_len - 1).all())
-        h = self.post_attention(hidden, attend(q, keys, values, None if uniform else causal_mask(positions, kv_len)))
+        if (positions.shape[1] <= NATIVE_ATTENTION_MAX_TOKENS and not torch.is_grad_enabled()
+                and q.dtype == cache.k[0].dtype and cpu_kernels.attention_supported(cache.k[0])):
+            # Few queries per row (a chain step, a short extend): the fused single-pass CPU kernel.
+            attn = cpu_kernels.attention(q.transpose(1, 2), cache.k[0], cache.v[0], slots.long(), positions.long(),
+                                         self.hd ** -0.5, kv_len)
+        else:
+            keys, values = cache.view(0, slots, kv_len)
+            uniform = positions.shape[1] == 1 and bool((positions == kv_len - 1).all())
+            attn = attend(q, keys, values, None if uniform else causal_mask(positions, kv_len))
+        h = self.post_attention(hidden, attn)
         last = h[torch.arange(h.shape[0]), logit_index] if logit_index is not None else h
         return DraftOutput(logits=self.lm_head(self.norm(last)), hidden=h)
 
