@@ -52,7 +52,7 @@ def test_sglang_workers_serve_feed_the_learner_and_take_its_weights(tmp_path, mo
 
     mock, url = mock_sglang
     cfg = tiny_config(tmp_path, max_requests=16, eval=EvalSection(max_tokens=8),
-                      engine=EngineSection(kind="sglang", num_slots=4, max_len=128, lookahead=3,
+                      engine=EngineSection(kind="sglang", num_slots=4, max_len=128, lookahead=3, adaptive_lookahead=False,
                                            sglang={"url": url, "weight_poll_s": 0.2}))
     validate(cfg)
     traffic, draft, head, _ = prepare(cfg)
@@ -156,7 +156,7 @@ def test_sglang_worker_launches_its_server_with_the_exported_draft(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # No validate(): it rightly refuses a launch of model.target=tiny on zero GPUs, which the fake needs neither of.
-    cfg = tiny_config(tmp_path, engine=EngineSection(kind="sglang", num_slots=2, max_len=128, lookahead=3, sglang={
+    cfg = tiny_config(tmp_path, engine=EngineSection(kind="sglang", num_slots=2, max_len=128, lookahead=3, adaptive_lookahead=False, sglang={
         "python": str(fake), "port": port, "startup_timeout_s": 120, "weight_poll_s": 0.2}))
     traffic, draft, head, _ = prepare(cfg)
     actors = start_actors(cfg, draft, head, Path(cfg.output_dir))

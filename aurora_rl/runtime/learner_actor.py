@@ -123,14 +123,14 @@ class LearnerActor:
     def publish(self) -> bool:
         """Put the current weights in the object store and announce them, unless any is non-finite."""
         version = self.learner.policy_version
-        if version <= self.published_version:
-            return False
         state = self.learner.publishable_state()
         bad = check_finite(state)
         if bad:
             self.refused += 1
             log.error("refusing to publish version %d: non-finite tensors %s", version, bad[:4])
             ray.get(self.store.refuse.remote(version, bad))
+            return False
+        if version <= self.published_version:
             return False
         published = bool(ray.get(self.store.publish.remote(version, [ray.put(state)])))
         if published:
