@@ -1,17 +1,27 @@
 """The day0 and shift experiments in their short modes (tiny random model, real Ray runs), and the
-analysis pieces they are built from."""
+analysis pieces they are built from. The short modes run as a user runs them, one command in a fresh
+interpreter: that also keeps the Ray driver state of two runs out of this test process."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> None:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def load(name: str):
@@ -46,7 +56,7 @@ def test_bad_arguments_are_refused():
 @pytest.mark.smoke
 def test_day0_short(tmp_path):
     out = tmp_path / "day0"
-    load("day0").main(["--short", "--arms", "osd,no_spec", "--out", str(out)])
+    run_script("day0", "--short", "--arms", "osd,no_spec", "--out", str(out))
     result = json.loads((out / "results.json").read_text())
     assert set(result["arms"]) == {"osd", "no_spec"} and result["mode"] == "short"
     osd, base = result["arms"]["osd"], result["arms"]["no_spec"]
@@ -65,7 +75,7 @@ def test_day0_short(tmp_path):
 @pytest.mark.smoke
 def test_shift_short(tmp_path):
     out = tmp_path / "shift"
-    load("shift").main(["--short", "--out", str(out)])
+    run_script("shift", "--short", "--out", str(out))
     result = json.loads((out / "results.json").read_text())
     assert [p["domain"] for p in result["phases"]] == ["code", "chat", "all"]
     for arm in ("online", "frozen"):

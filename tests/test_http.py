@@ -222,7 +222,7 @@ def _wait_for_aborted(handle, loop, n: int, timeout_s: float = 30.0) -> dict:
     engine frees the slot, so the two are not seen at the same instant)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        health = httpx.get(handle.url + "/health").json()
+        health = httpx.get(handle.url + "/health", timeout=timeout_s).json()  # a loaded CI machine is slow
         if (not loop.in_flight() and health["requests"].get("aborted", 0) >= n) or time.monotonic() > deadline:
             return health
         time.sleep(0.05)
