@@ -58,12 +58,15 @@ def run_arm(name: str, overrides: list[str], out: Path, reuse: bool = False) -> 
     return summary
 
 
-def load_requests(run_dir: Path) -> list[dict[str, Any]]:
-    """Finished requests of a run, in the order they finished."""
+def load_requests(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """(finished requests of a run in the order they finished, how many others were answered: errors
+    and aborts, which have no accept length and are reported as a count)."""
     path = run_dir / "requests.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: was {run_dir} written by an aurora-rl run?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    finished = [r for r in records if r.get("status") == "finished"]
+    return finished, len(records) - len(finished)
 
 
 def mean(xs) -> float:

@@ -60,9 +60,9 @@ def base_overrides(args) -> list[str]:
 
 
 def analyse(out: Path, arms: list[str], summaries: dict[str, dict]) -> dict:
-    reqs = {a: sorted(load_requests(out / a), key=lambda r: r["index"]) for a in arms}
-    finish_order = {a: load_requests(out / a) for a in arms}
-    base = {r["index"]: r["tokens_per_s"] for r in reqs.get("no_spec", [])}
+    loaded = {a: load_requests(out / a) for a in arms}
+    finish_order = {a: rs for a, (rs, _) in loaded.items()}
+    base = {r["index"]: r["tokens_per_s"] for r in finish_order.get("no_spec", [])}
     result = {"arms": {}, "window": WINDOW}
     for a in arms:
         served = finish_order[a]
@@ -72,7 +72,7 @@ def analyse(out: Path, arms: list[str], summaries: dict[str, dict]) -> dict:
         s = summaries[a]
         ev = s.get("eval") or {}
         result["arms"][a] = {
-            "requests": len(served), "learner_steps": s["learner_steps"],
+            "requests": len(served), "not_finished": loaded[a][1], "learner_steps": s["learner_steps"],
             "final_policy_version": s["final_policy_version"],
             "accept_length_first": mean(acc[:WINDOW]), "accept_length_last": mean(acc[-WINDOW:]),
             "tokens_per_s_first": mean(tps[:WINDOW]), "tokens_per_s_last": mean(tps[-WINDOW:]),

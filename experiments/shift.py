@@ -81,8 +81,8 @@ def analyse(out: Path, args) -> dict:
         bounds.append((start, start + n))
         start += n
     for arm in ARMS:
-        served = sorted(load_requests(out / arm), key=lambda r: r["index"])
-        served = [r for r in served if r.get("status") == "finished"]
+        served, not_finished = load_requests(out / arm)
+        served = sorted(served, key=lambda r: r["index"])
         acc = [r["accept_length"] for r in served]
         idx = [r["index"] for r in served]
         per_phase, recoveries = [], []
@@ -93,7 +93,8 @@ def analyse(out: Path, args) -> dict:
                 pre = [a for a, i in zip(acc, idx) if bounds[p - 1][0] <= i < bounds[p - 1][1]][-WINDOW:]
                 first = next((k for k, i in enumerate(idx) if i >= lo), len(acc))
                 recoveries.append(recovery(acc[: first + len(in_phase)], first, mean(pre), WINDOW))
-        result["arms"][arm] = {"requests": len(served), "accept_length_per_phase": per_phase,
+        result["arms"][arm] = {"requests": len(served), "not_finished": not_finished,
+                               "accept_length_per_phase": per_phase,
                                "recovery_requests": recoveries,
                                "domains": [r["domain"] for r in served],
                                "curve": rolling(acc, WINDOW), "policy_version": [r["policy_version"] for r in served]}

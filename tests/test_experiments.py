@@ -44,6 +44,19 @@ def test_recovery_counts_requests_until_back_within_90_percent():
 
 
 @pytest.mark.unit
+def test_requests_that_did_not_finish_are_counted_not_dropped(tmp_path):
+    load_requests = load("shift").load_requests
+    lines = [{"request_id": "r0", "index": 0, "status": "finished", "accept_length": 1.5},
+             {"request_id": "r1", "index": 1, "status": "error", "error": "boom"},
+             {"request_id": "r2", "index": 2, "status": "finished", "accept_length": 1.0}]
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    finished, others = load_requests(tmp_path)
+    assert [r["index"] for r in finished] == [0, 2] and others == 1
+    with pytest.raises(FileNotFoundError, match="requests.jsonl is missing"):
+        load_requests(tmp_path / "nowhere")
+
+
+@pytest.mark.unit
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         load("day0").parse_args(["--arms", "aurora,best"])
@@ -60,7 +73,7 @@ def test_day0_short(tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert set(result["arms"]) == {"osd", "no_spec"} and result["mode"] == "short"
     osd, base = result["arms"]["osd"], result["arms"]["no_spec"]
-    assert osd["requests"] == base["requests"] == 6
+    assert osd["requests"] == base["requests"] == 6 and osd["not_finished"] == base["not_finished"] == 0
     # Paired against itself, the baseline's speedup is exactly 1 request by request.
     assert base["curve"]["paired_speedup"] == pytest.approx([1.0] * 6)
     assert all(math.isfinite(x) and x > 0 for x in osd["curve"]["paired_speedup"])
@@ -80,7 +93,7 @@ def test_shift_short(tmp_path):
     assert [p["domain"] for p in result["phases"]] == ["code", "chat", "all"]
     for arm in ("online", "frozen"):
         r = result["arms"][arm]
-        assert r["requests"] == 16
+        assert r["requests"] == 16 and r["not_finished"] == 0
         assert r["domains"] == ["code"] * 4 + ["chat"] * 6 + ["all"] * 6
         assert len(r["accept_length_per_phase"]) == 3 and len(r["recovery_requests"]) == 2
     assert max(result["arms"]["frozen"]["policy_version"]) == 0
