@@ -19,6 +19,20 @@ def test_lookahead_list_is_checked():
         parse_lookaheads("3,fast")
 
 
+@pytest.mark.unit
+def test_repeats_pool_requests_and_average_the_rest():
+    from aurora_rl.bench_spec import pooled
+
+    runs = [{"tps": [1.0, 3.0], "explored_steps": 2, "accept_length": 1.5, "aggregate_tokens_per_s": 4.0,
+             "mean_lookahead": 1.0, "outputs": [[1]]},
+            {"tps": [5.0, 7.0], "explored_steps": 1, "accept_length": 2.5, "aggregate_tokens_per_s": 6.0,
+             "mean_lookahead": 3.0, "outputs": [[2]]}]
+    row = pooled(runs)
+    assert row["mean"] == 4.0 and row["requests"] == 4 and row["repeats"] == 2 and row["p5"] == 1.0
+    assert row["explored_steps"] == 3 and row["accept_length"] == 2.0 and row["mean_lookahead"] == 2.0
+    assert row["outputs"] == [[1]]
+
+
 @pytest.mark.smoke
 def test_bench_spec_quick(tmp_path, smollm2_dir):
     import sys

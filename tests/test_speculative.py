@@ -123,6 +123,30 @@ class EagerDecoder(SpecDecoder):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draft_feeding_last_only_equals_the_full_pass(dtype):
+    """Feeding a run of positions with ``logit_index`` computes only the indexed query: the same keys
+    and values reach the cache and the indexed row's hidden state and logits equal the full pass's."""
+    model, _ = tiny_target()
+    draft = make_draft(model, vocab=48, seed=5).to_dtype(dtype)
+    g = torch.Generator().manual_seed(0)
+    ids, feats = torch.randint(0, 128, (2, 9), generator=g), torch.randn(2, 9, 192, generator=g).to(dtype)
+    pos = torch.stack([torch.arange(9), torch.arange(3, 12)])  # the second row continues a cached prefix
+    last = torch.tensor([8, 5])
+    slots = torch.tensor([1, 0])
+    full_cache, lean_cache = draft.new_cache(2, 32), draft.new_cache(2, 32)
+    with torch.inference_mode():
+        full = draft(ids, draft.fuse(feats), pos, full_cache, slots)
+        lean = draft(ids, draft.fuse(feats), pos, lean_cache, slots, logit_index=last)
+    rows = torch.arange(2)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lean.hidden, full.hidden[rows, last], **tol)
+    torch.testing.assert_close(lean.logits, full.logits[rows, last], **tol)
+    torch.testing.assert_close(lean_cache.k[0], full_cache.k[0])
+    torch.testing.assert_close(lean_cache.v[0], full_cache.v[0])
+
+
+@pytest.mark.unit
 def test_lazy_draft_feeding_proposes_what_eager_feeding_proposes():
     """Rows at k = 0 only queue positions; the catch-up before their next proposal gives the same
     proposals as feeding every step, and a run at k = 0 throughout makes no draft call at all."""

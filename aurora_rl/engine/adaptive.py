@@ -17,19 +17,26 @@ Model, per batch size B and lookahead k in 0..K (one k for the whole batch):
   Expected tokens per step: E[k] = 1 + sum_{j<=k} prod_{l<=j} alpha_l.
 - Cost: wall time of ``decode`` (propose, verify k+1, draft extend) as an EMA per (B bucket, k),
   buckets being powers of two of B. An unmeasured k is extrapolated from the nearest measured k with
-  the bucket's least-squares slope (clamped >= 0; ``prior_slope`` x the step time when only one k is
-  measured), an unmeasured bucket borrows the nearest measured bucket's curve. Only ratios between
+  the bucket's least-squares slope (clamped >= 0; when only one k is measured, a prior slope of
+  ``prior_slope`` x B x the step time, at most ``max_prior_slope``: each lookahead token adds B
+  verified tokens, nearly free while a step is bound by reading the weights and as dear as the step
+  itself once it is bound by compute), an unmeasured bucket borrows the nearest measured bucket's curve. Only ratios between
   ks matter, so borrowed absolute times do no harm.
 - Choice: k* = argmax_k B*E[k]/t(B, k); B cancels. Ties within ``min_gain`` go to the smaller k,
   so timing noise never buys speculation that does not pay: with a useless draft (alpha ~ 0, E[k] ~ 1)
   and t growing with k the answer is k = 0 at every batch size.
-- Exploration: the prior is optimistic (alpha 0.6, cheap extra tokens), so new (bucket, k) cells get
-  tried; on top, with probability eps = max(eps_min, eps0 * d / (d + steps)) a step uses a neighbour
-  k* +- 1. A step up to k* + 1 is only taken while it could still pay: its throughput with optimistic
+- Exploration: the point estimate starts pessimistic (``prior_acceptance`` 0: no speculation until
+  acceptance is measured), so a cold controller never pays for speculation on faith, at any batch
+  size. Until ``probe_evidence`` depth-1 proposals have been seen, a step that chose k = 0 lets one
+  row (the lowest slot) propose a single token: a probe that measures acceptance for the price of one
+  more verified token, at any batch size. With probability eps = max(eps_min, eps0 * d / (d + steps)) a step uses a neighbour k* +- 1.
+  A step up to k* + 1 is only taken while it could still pay: its throughput with optimistic
   acceptance (an upper confidence bound, alpha + 2 sd + 1/n over the n proposals remembered at each
-  depth) must beat k*'s. So a draft shown to be useless stops costing exploration steps, while a new
-  draft is noticed: when the decoder's policy version changes (a hot swap), the acceptance evidence is
-  halved (``forget``), the bound widens and exploration resumes.
+  depth) must beat k*'s. So a draft shown to be useless stops costing exploration steps, while a good
+  one is adopted within a few exploration steps (unmeasured deeper depths inherit the measured
+  alpha, so one measured depth is enough to jump to a large k), and a new draft is noticed: when the
+  decoder's policy version changes (a hot swap), the acceptance evidence is halved (``forget``), the
+  bound widens and exploration resumes.
 
 Not modelled: engine time outside ``decode`` (scheduling, prefill), which only makes the choice
 conservative; greedy and sampled requests share one acceptance model. ``SpecDecoder`` feeds the
@@ -122,12 +129,15 @@ def predict_costs(cells: dict[int, tuple[float, float]], max_lookahead: int, pri
 class AdaptiveConfig:
     """Settings of the adaptive lookahead controller (the defaults suit a CPU or a GPU engine)."""
 
-    prior_acceptance: float = 0.6
-    """Acceptance assumed at depth 1 before any measurement (optimistic, so k > 0 gets tried)."""
+    prior_acceptance: float = 0.0
+    """Acceptance assumed at depth 1 before any measurement. 0 = start without speculation and let
+    exploration (bounded by the optimistic acceptance) find out whether it pays."""
     prior_weight: float = 2.0
     """Pseudo-proposals behind the prior at each depth."""
     prior_slope: float = 0.1
     """Assumed extra step time per lookahead token, as a fraction of the k = 0 step, before it is measured."""
+    max_prior_slope: float = 1.0
+    """Cap of the batch-scaled prior slope (1.0: a lookahead token costs at most one more step)."""
     horizon: int = 200
     """Steps of memory of the acceptance counts (per-step discount 1 - 1/horizon), to follow a learning draft."""
     max_evidence: float = 400.0
@@ -142,6 +152,8 @@ class AdaptiveConfig:
     """Steps over which exploration halves: eps = max(eps_min, eps0 * d / (d + steps))."""
     min_gain: float = 0.02
     """Relative throughput gain a larger k must promise over a smaller one to be chosen."""
+    probe_evidence: float = 8.0
+    """Depth-1 proposals to gather by single-row probes while k* = 0 (0 = no probes)."""
     seed: int = 0
     """Seed of the exploration draws."""
 
@@ -149,7 +161,7 @@ class AdaptiveConfig:
         for name in ("prior_acceptance", "epsilon", "epsilon_min"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        for name in ("prior_weight", "prior_slope", "min_gain"):
+        for name in ("prior_weight", "prior_slope", "max_prior_slope", "min_gain", "probe_evidence"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.max_evidence <= 0:
@@ -171,7 +183,10 @@ class AdaptiveLookahead:
         self.clock = clock
         self.steps = 0
         self.explored = 0
+        self.probes = 0
         self.last_k = 0
+        self._cost_k: int | None = -1
+        """Cost cell of the step being chosen (set by ``__call__``; -1: take the deepest proposal)."""
         self._rng = random.Random(self.config.seed)
         self._proposed = [0.0] * max_lookahead
         self._accepted = [0.0] * max_lookahead
@@ -189,7 +204,8 @@ class AdaptiveLookahead:
         if b not in self._cost and self._cost:
             b = min(self._cost, key=lambda m: (abs(m - b), m))
         cells = {k: (m, n) for k, (m, n) in self._cost.get(b, {}).items()}
-        return predict_costs(cells, self.max_lookahead, self.config.prior_slope)
+        cfg = self.config
+        return predict_costs(cells, self.max_lookahead, min(cfg.prior_slope * batch, cfg.max_prior_slope))
 
     def optimistic_alphas(self) -> list[float]:
         """Upper confidence bounds of the per-depth acceptance (alpha + 2 sd + 1/n, capped at 1)."""
@@ -235,11 +251,26 @@ class AdaptiveLookahead:
         if not seqs:
             return []
         k = self.choose(len(seqs))
-        return [k if s.params.lookahead is None else s.params.lookahead for s in seqs]
+        ks = [k if s.params.lookahead is None else s.params.lookahead for s in seqs]
+        free = [i for i, s in enumerate(seqs) if s.params.lookahead is None]
+        probe = k == 0 and free and self.max_lookahead > 0 and self._proposed[0] < self.config.probe_evidence
+        if probe:
+            ks[min(free, key=lambda i: seqs[i].slot)] = 1
+            self.probes += 1
+        # The cost cell this step feeds: its k when all rows share it; 0 for a probe (one verified token
+        # more than a k = 0 step: a B > 1 probe is priced as k = 0, a B = 1 probe is a k = 1 step);
+        # none when requests pinned other lookaheads.
+        if len(set(ks)) == 1:
+            self._cost_k = ks[0]
+        else:
+            self._cost_k = 0 if probe and len(free) == len(seqs) else None
+        return ks
 
-    def observe(self, batch: int, k: int, seconds: float, proposed: list[int], accepted: list[int]) -> None:
-        """Record one step: batch size, the largest k any row used, its wall time, per-depth counts."""
-        if batch < 1 or k < 0 or seconds <= 0:
+    def observe(self, batch: int, k: int | None, seconds: float, proposed: list[int], accepted: list[int]) -> None:
+        """Record one step: batch size, the lookahead whose cost it measured, its wall time, per-depth
+        counts. ``k`` None (rows used different ks: requests with their own lookahead) adds to the
+        acceptance counts only: the cost cells model one k for the whole batch."""
+        if batch < 1 or (k is not None and k < 0) or seconds <= 0:
             raise ValueError(f"observe needs batch >= 1, k >= 0, seconds > 0; got {batch}, {k}, {seconds}")
         keep, cap = 1.0 - 1.0 / self.config.horizon, self.config.max_evidence
         for j in range(min(len(proposed), self.max_lookahead)):
@@ -248,7 +279,7 @@ class AdaptiveLookahead:
                 a = keep * self._accepted[j] + accepted[j]
                 scale = min(1.0, cap / p)
                 self._proposed[j], self._accepted[j] = p * scale, a * scale
-        if k <= self.max_lookahead:
+        if k is not None and k <= self.max_lookahead:
             cell = self._cost.setdefault(_bucket(batch), {}).setdefault(k, [0.0, 0])
             cell[1] += 1
             cell[0] += (seconds - cell[0]) / min(cell[1], self.config.cost_horizon)
@@ -276,7 +307,10 @@ class AdaptiveLookahead:
             seconds = self.clock() - t0 - (getattr(decoder, "catch_up_s", 0.0) - c0)
             dp, da = _delta(decoder.depth_proposed, p0), _delta(decoder.depth_accepted, a0)
             # A proposal at depth j implies one at every shallower depth: k is the deepest proposed.
-            self.observe(len(seqs), sum(1 for x in dp if x > 0), max(seconds, 1e-9), dp, da)
+            deepest = sum(1 for x in dp if x > 0)
+            k = deepest if self._cost_k == -1 or (self._cost_k or 0) > deepest else self._cost_k
+            self.observe(len(seqs), k, max(seconds, 1e-9), dp, da)
+            self._cost_k = -1
 
         decoder.decode = decode
         decoder.lookahead_fn = self

@@ -264,7 +264,7 @@ class SpecDecoder:
         self.draft_calls += 1
         for b, (seq, t) in enumerate(zip(seqs, tokens)):
             self.cache.lengths[seq.slot] = starts[b] + len(t)
-            self._state[seq.slot] = _SlotState(out.logits[b], out.hidden[b, len(t) - 1])
+            self._state[seq.slot] = _SlotState(out.logits[b], out.hidden[b])
 
 
 def verify_chains(seqs: list[Sequence], props: list[list[int]], target_logits: torch.Tensor,

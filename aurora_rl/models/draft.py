@@ -66,7 +66,7 @@ class DraftOutput:
     logits: torch.Tensor
     """[B, T, Vd] over the draft vocabulary ([B, Vd] when ``logit_index`` was given)."""
     hidden: torch.Tensor
-    """Pre-norm hidden state [B, T, H]: the next depth's input."""
+    """Pre-norm hidden state [B, T, H]: the next depth's input ([B, H] when ``logit_index`` was given)."""
 
 
 NATIVE_ATTENTION_MAX_TOKENS = 8
@@ -175,11 +175,19 @@ class Eagle3Draft(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 cache: SlotKVCache, slots: torch.Tensor, logit_index: torch.Tensor | None = None) -> DraftOutput:
-        """Serving step over the draft's slot cache (``hidden`` already fused or the draft's own)."""
-        kv_len = int(positions.max()) + 1
+        """Serving step over the draft's slot cache (``hidden`` already fused or the draft's own).
 
+        With ``logit_index`` [B] (feeding a run of kept positions), every position writes its key and
+        value to the cache but only the indexed one per row goes on through attention, the MLP and the
+        head: the others are only ever read as keys, so a long catch-up costs two projections per position.
+        """
         q, k, v = self.project_qkv(token_ids, hidden, positions)
         cache.write(0, slots, positions, k, v)
+        if logit_index is not None:
+            rows = torch.arange(q.shape[0])
+            q, hidden = q[rows, :, logit_index].unsqueeze(2), hidden[rows, logit_index].unsqueeze(1)
+            positions = positions[rows, logit_index].unsqueeze(1)
+        kv_len = int(positions.max()) + 1
         if (positions.shape[1] <= NATIVE_ATTENTION_MAX_TOKENS and not torch.is_grad_enabled()
                 and q.dtype == cache.k[0].dtype and cpu_kernels.attention_supported(cache.k[0])):
             # Few queries per row (a chain step, a short extend): the fused single-pass CPU kernel.
@@ -190,8 +198,9 @@ class Eagle3Draft(nn.Module):
             uniform = positions.shape[1] == 1 and bool((positions == kv_len - 1).all())
             attn = attend(q, keys, values, None if uniform else causal_mask(positions, kv_len))
         h = self.post_attention(hidden, attn)
-        last = h[torch.arange(h.shape[0]), logit_index] if logit_index is not None else h
-        return DraftOutput(logits=self.lm_head(self.norm(last)), hidden=h)
+        if logit_index is not None:
+            h = h[:, 0]
+        return DraftOutput(logits=self.lm_head(self.norm(h)), hidden=h)
 
 
 def token_frequencies(token_lists, vocab_size: int) -> torch.Tensor:
