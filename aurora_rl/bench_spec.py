@@ -1,8 +1,11 @@
 """Speculation benchmark: the Aurora model-card table for our engine, and the cost of trace capture.
 
 For batch sizes (default 1, 4, 8, 16) x {no speculation, lookahead 3, 4, 5, adaptive}: mean / p50 /
-p5 / p95 tokens/s per request, speedup of the mean over no speculation measured in the same run, and
-accept length. "No speculation" is the plain engine (no draft at all); "adaptive" is the serving
+p5 / p95 tokens/s per request, speedup over no speculation measured in the same run, and accept
+length. Each configuration is one engine that lives through the run, as a server's would; the prompts
+go out in waves of one batch, each wave served by every configuration in turn (ABBA order), and the
+speedup is the median over waves of the paired ratio of mean tokens/s, which a shared machine's slow
+spells cannot bias toward one configuration (``speedup_of_means`` in the JSON is the plain ratio). "No speculation" is the plain engine (no draft at all); "adaptive" is the serving
 default, ``AdaptiveLookahead`` choosing k in 0..max(lookaheads) each step. With the default day-0
 random draft the table shows what speculating costs; with ``--draft DIR`` (an EAGLE3 folder, e.g. a
 run's ``draft/``) it shows the gain. A second table times lookahead 4 with trace capture on and off.
@@ -33,43 +36,60 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def serve(target, tokenizer, draft, prompts, batch: int, lookahead: int | str | None, max_tokens: int,
-          capture: bool = True, max_lookahead: int = 5) -> dict:
-    """Serve ``prompts`` with ``batch`` slots; lookahead None = plain engine without a draft, "adaptive" =
-    the adaptive controller over 0..``max_lookahead``."""
-    decoder, controller = None, None
-    if lookahead is not None:
-        fixed = max_lookahead if lookahead == ADAPTIVE else lookahead
-        decoder = SpecDecoder(draft, batch, 2048, SpecConfig(lookahead=fixed, capture_traces=capture),
-                              trace_sink=lambda t: None)
-        if lookahead == ADAPTIVE:
-            controller = AdaptiveLookahead(max_lookahead).attach(decoder)
-    engine = LLMEngine(target, EngineConfig(num_slots=batch, max_len=2048), tokenizer, decoder)
-    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, sp)
-    wall = time.perf_counter() - t0
-    tps = [o.tokens_per_s for o in outs]
-    return {"batch": batch, "lookahead": lookahead, "capture": capture, "requests": len(outs), "tps": tps,
-            "mean": statistics.mean(tps), "p50": percentile(tps, 50), "p5": percentile(tps, 5),
-            "p95": percentile(tps, 95), "accept_length": statistics.mean(o.accept_length for o in outs),
-            "aggregate_tokens_per_s": sum(o.num_output_tokens for o in outs) / wall,
-            "mean_lookahead": (sum(o.draft_tokens for o in outs) / max(sum(o.verify_steps for o in outs), 1)
-                               if decoder is not None else 0.0),
-            "explored_steps": controller.explored if controller else 0,
-            "outputs": [o.output_ids for o in outs]}
+class Cell:
+    """One (batch, lookahead) configuration: an engine that lives for the whole benchmark, like a
+    server's, fed wave after wave of requests (so the adaptive controller keeps what it learned)."""
+
+    def __init__(self, target, tokenizer, draft, batch: int, lookahead: int | str | None, capture: bool = True,
+                 max_lookahead: int = 5) -> None:
+        self.batch, self.lookahead, self.capture = batch, lookahead, capture
+        self.decoder, self.controller = None, None
+        if lookahead is not None:
+            fixed = max_lookahead if lookahead == ADAPTIVE else lookahead
+            self.decoder = SpecDecoder(draft, batch, 2048, SpecConfig(lookahead=fixed, capture_traces=capture),
+                                       trace_sink=lambda t: None)
+            if lookahead == ADAPTIVE:
+                self.controller = AdaptiveLookahead(max_lookahead).attach(self.decoder)
+        self.engine = LLMEngine(target, EngineConfig(num_slots=batch, max_len=2048), tokenizer, self.decoder)
+        self.outs: list = []
+        self.wave_means: list[float] = []
+        self.wall = 0.0
+
+    def serve(self, prompts: list[list[int]], max_tokens: int) -> None:
+        t0 = time.perf_counter()
+        outs = self.engine.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        self.wall += time.perf_counter() - t0
+        self.outs += outs
+        self.wave_means.append(statistics.mean(o.tokens_per_s for o in outs))
+
+    def row(self) -> dict:
+        outs, tps = self.outs, [o.tokens_per_s for o in self.outs]
+        return {"batch": self.batch, "lookahead": self.lookahead, "capture": self.capture, "requests": len(outs),
+                "mean": statistics.mean(tps), "p50": percentile(tps, 50), "p5": percentile(tps, 5),
+                "p95": percentile(tps, 95), "accept_length": statistics.mean(o.accept_length for o in outs),
+                "aggregate_tokens_per_s": sum(o.num_output_tokens for o in outs) / self.wall,
+                "mean_lookahead": (sum(o.draft_tokens for o in outs) / max(sum(o.verify_steps for o in outs), 1)
+                                   if self.decoder is not None else 0.0),
+                "explored_steps": self.controller.explored if self.controller else 0,
+                "probe_steps": self.controller.probes if self.controller else 0,
+                "outputs": [o.output_ids for o in outs]}
 
 
-def pooled(runs: list[dict]) -> dict:
-    """Repeats of one (batch, lookahead) cell as one row: tokens/s statistics over every request of
-    every repeat; accept length, aggregate tokens/s and mean lookahead averaged; outputs of the first."""
-    tps = [x for r in runs for x in r["tps"]]
-    out = dict(runs[0], requests=len(tps), tps=tps, mean=statistics.mean(tps), p50=percentile(tps, 50),
-               p5=percentile(tps, 5), p95=percentile(tps, 95), repeats=len(runs),
-               explored_steps=sum(r["explored_steps"] for r in runs))
-    for key in ("accept_length", "aggregate_tokens_per_s", "mean_lookahead"):
-        out[key] = statistics.mean(r[key] for r in runs)
-    return out
+def run_cells(cells: list[Cell], prompts: list[list[int]], max_tokens: int, repeats: int) -> None:
+    """Serve ``repeats`` passes over ``prompts`` in waves of one batch; every cell serves each wave
+    before the next wave starts, in the order A B .. then .. B A (ABBA), so that a slow spell or a drift
+    of a shared machine hits all cells alike and each wave gives a paired comparison."""
+    batch = cells[0].batch
+    waves = [prompts[i:i + batch] for _ in range(repeats) for i in range(0, len(prompts), batch)]
+    for w, wave in enumerate(waves):
+        for cell in (cells if w % 2 == 0 else cells[::-1]):
+            cell.serve(wave, max_tokens)
+
+
+def paired_speedup(cell: Cell, base: Cell) -> tuple[float, list[float]]:
+    """Median over waves of the ratio of mean tokens/s per request, and the per-wave ratios."""
+    ratios = [a / b for a, b in zip(cell.wave_means, base.wave_means)]
+    return statistics.median(ratios), ratios
 
 
 def parse_lookaheads(text: str) -> list[int | str]:
@@ -145,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--draft-vocab-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1,
-                   help="serve every cell this many times, interleaved; speedup = median of per-repeat ratios")
+                   help="passes over the prompts; each pass is served in waves of one batch, every cell in turn")
     p.add_argument("--quick", action="store_true", help="batch 1 and 4, lookahead 4, 4 prompts, 16 tokens")
     p.add_argument("--out", default=f"outputs/bench_spec/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     args = p.parse_args(argv)
@@ -159,30 +179,29 @@ def main(argv: list[str] | None = None) -> dict:
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        # Repeats interleave the cells (none, k..., none, k...) so that a slow spell of a shared machine
-        # hits every cell alike; each speedup is the median of ratios taken within one repeat.
-        runs: dict = {None: [], **{k: [] for k in lookaheads}}
-        for _ in range(args.repeats):
-            for k in runs:
-                runs[k].append(serve(target, tokenizer, draft, prompts, batch, k, args.max_tokens, max_lookahead=max_k))
-        base = pooled(runs[None])
+        cells = [Cell(target, tokenizer, draft, batch, k, max_lookahead=max_k) for k in [None, *lookaheads]]
+        run_cells(cells, prompts, args.max_tokens, args.repeats)
+        base = cells[0].row()
         base["speedup"] = 1.0
         rows.append(base)
-        for k in lookaheads:
-            r = pooled(runs[k])
-            ratios = [x["mean"] / b["mean"] for x, b in zip(runs[k], runs[None])]
-            r["speedup"], r["speedup_per_repeat"] = statistics.median(ratios), ratios
-            r["differing_outputs"] = sum(a != b for x in runs[k] for a, b in zip(x["outputs"], base["outputs"]))
+        for cell in cells[1:]:
+            r = cell.row()
+            r["speedup"], r["speedup_per_wave"] = paired_speedup(cell, cells[0])
+            r["speedup_of_means"] = r["mean"] / base["mean"]
+            r["differing_outputs"] = sum(a != b for a, b in zip(r["outputs"], base["outputs"]))
             identical &= r["differing_outputs"] == 0
             rows.append(r)
+        del cells
     b = int(args.batch_sizes.split(",")[-1]) if args.quick else 4
-    capture = [serve(target, tokenizer, draft, prompts, b, 4, args.max_tokens, capture=c) for c in (False, True)]
+    capture_cells = [Cell(target, tokenizer, draft, b, 4, capture=c) for c in (False, True)]
+    run_cells(capture_cells, prompts, args.max_tokens, args.repeats)
+    capture = [c.row() for c in capture_cells]
     result = {"dtype": args.dtype, "draft": args.draft or "day-0 random", "max_tokens": args.max_tokens,
               "prompts": len(prompts), "greedy_outputs_identical": identical,
               "repeats": args.repeats,
-              "table": [{k: v for k, v in r.items() if k not in ("outputs", "tps")} for r in rows],
-              "capture": [{k: v for k, v in r.items() if k not in ("outputs", "tps")} for r in capture],
-              "capture_cost": 1 - capture[1]["mean"] / capture[0]["mean"]}
+              "table": [{k: v for k, v in r.items() if k != "outputs"} for r in rows],
+              "capture": [{k: v for k, v in r.items() if k != "outputs"} for r in capture],
+              "capture_cost": 1 - paired_speedup(*capture_cells[::-1])[0]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_spec.json").write_text(json.dumps(result, indent=2))

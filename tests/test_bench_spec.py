@@ -20,17 +20,25 @@ def test_lookahead_list_is_checked():
 
 
 @pytest.mark.unit
-def test_repeats_pool_requests_and_average_the_rest():
-    from aurora_rl.bench_spec import pooled
+def test_waves_are_served_abba_and_speedups_are_paired():
+    from aurora_rl.bench_spec import paired_speedup, run_cells
 
-    runs = [{"tps": [1.0, 3.0], "explored_steps": 2, "accept_length": 1.5, "aggregate_tokens_per_s": 4.0,
-             "mean_lookahead": 1.0, "outputs": [[1]]},
-            {"tps": [5.0, 7.0], "explored_steps": 1, "accept_length": 2.5, "aggregate_tokens_per_s": 6.0,
-             "mean_lookahead": 3.0, "outputs": [[2]]}]
-    row = pooled(runs)
-    assert row["mean"] == 4.0 and row["requests"] == 4 and row["repeats"] == 2 and row["p5"] == 1.0
-    assert row["explored_steps"] == 3 and row["accept_length"] == 2.0 and row["mean_lookahead"] == 2.0
-    assert row["outputs"] == [[1]]
+    served = []
+
+    class FakeCell:
+        def __init__(self, name, batch=2):
+            self.name, self.batch, self.wave_means = name, batch, []
+
+        def serve(self, prompts, max_tokens):
+            served.append((self.name, tuple(map(tuple, prompts))))
+
+    a, b = FakeCell("a"), FakeCell("b")
+    run_cells([a, b], [[1], [2], [3]], max_tokens=4, repeats=2)
+    assert [n for n, _ in served] == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [w for _, w in served[::2]] == [((1,), (2,)), ((3,),), ((1,), (2,)), ((3,),)]
+    a.wave_means, b.wave_means = [10.0, 10.0, 20.0], [5.0, 12.0, 30.0]
+    median, ratios = paired_speedup(b, a)
+    assert ratios == [0.5, 1.2, 1.5] and median == 1.2
 
 
 @pytest.mark.smoke
