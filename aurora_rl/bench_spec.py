@@ -5,7 +5,9 @@ p5 / p95 tokens/s per request, speedup over no speculation measured in the same 
 length. Each configuration is one engine that lives through the run, as a server's would; the prompts
 go out in waves of one batch, each wave served by every configuration in turn (ABBA order), and the
 speedup is the median over waves of the paired ratio of mean tokens/s, which a shared machine's slow
-spells cannot bias toward one configuration (``speedup_of_means`` in the JSON is the plain ratio). "No speculation" is the plain engine (no draft at all); "adaptive" is the serving
+spells cannot bias toward one configuration (``speedup_of_means`` in the JSON is the plain ratio).
+A "control" row, a second plain engine served in the same waves, shows how far from 1.00x noise alone
+moves a ratio in that run. "No speculation" is the plain engine (no draft at all); "adaptive" is the serving
 default, ``AdaptiveLookahead`` choosing k in 0..max(lookaheads) each step. With the default day-0
 random draft the table shows what speculating costs; with ``--draft DIR`` (an EAGLE3 folder, e.g. a
 run's ``draft/``) it shows the gain. A second table times lookahead 4 with trace capture on and off.
@@ -29,6 +31,8 @@ from aurora_rl.engine.adaptive import AdaptiveLookahead
 from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
 
 ADAPTIVE = "adaptive"
+CONTROL = "control"
+"""A second plain engine in the same waves: its "speedup" over the first is the noise floor of the run."""
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -44,7 +48,7 @@ class Cell:
                  max_lookahead: int = 5) -> None:
         self.batch, self.lookahead, self.capture = batch, lookahead, capture
         self.decoder, self.controller = None, None
-        if lookahead is not None:
+        if lookahead not in (None, CONTROL):
             fixed = max_lookahead if lookahead == ADAPTIVE else lookahead
             self.decoder = SpecDecoder(draft, batch, 2048, SpecConfig(lookahead=fixed, capture_traces=capture),
                                        trace_sink=lambda t: None)
@@ -127,8 +131,9 @@ def plot(result: dict, path: Path) -> None:
         if r["lookahead"] is not None:
             series.setdefault(str(r["lookahead"]), []).append((r["batch"], r["speedup"]))
     for name, pts in series.items():
-        ax.plot([b for b, _ in pts], [s for _, s in pts], marker="o",
-                label=f"lookahead {name}" if name != ADAPTIVE else "adaptive")
+        labels = {ADAPTIVE: "adaptive", CONTROL: "control: plain vs plain (noise)"}
+        ax.plot([b for b, _ in pts], [s for _, s in pts], marker="o", label=labels.get(name, f"lookahead {name}"),
+                **({"color": "grey", "ls": ":"} if name == CONTROL else {}))
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="no speculation")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size (slots)")
@@ -166,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1,
                    help="passes over the prompts; each pass is served in waves of one batch, every cell in turn")
+    p.add_argument("--no-control", action="store_true",
+                   help="leave out the control row (a second plain engine, whose ratio is the noise floor)")
     p.add_argument("--quick", action="store_true", help="batch 1 and 4, lookahead 4, 4 prompts, 16 tokens")
     p.add_argument("--out", default=f"outputs/bench_spec/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     args = p.parse_args(argv)
@@ -179,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        cells = [Cell(target, tokenizer, draft, batch, k, max_lookahead=max_k) for k in [None, *lookaheads]]
+        extra = [] if args.no_control else [CONTROL]
+        cells = [Cell(target, tokenizer, draft, batch, k, max_lookahead=max_k) for k in [None, *extra, *lookaheads]]
         run_cells(cells, prompts, args.max_tokens, args.repeats)
         base = cells[0].row()
         base["speedup"] = 1.0

@@ -54,7 +54,7 @@ def test_bench_spec_quick(tmp_path, smollm2_dir):
     data = json.loads((tmp_path / "bench_spec.json").read_text())
     assert data["greedy_outputs_identical"] is True
     assert [(row["batch"], row["lookahead"]) for row in data["table"]] == [
-        (1, None), (1, 4), (1, "adaptive"), (4, None), (4, 4), (4, "adaptive")]
+        (1, None), (1, "control"), (1, 4), (1, "adaptive"), (4, None), (4, "control"), (4, 4), (4, "adaptive")]
     assert all(row["mean"] > 0 and row["p5"] <= row["p50"] <= row["p95"] for row in data["table"])
     fixed = [row for row in data["table"] if row["lookahead"] == 4]
     assert all(3.0 <= row["mean_lookahead"] <= 4.0 for row in fixed)  # capped only near max_tokens
