@@ -207,10 +207,12 @@ class SpecDecoder:
 
     def _propose(self, seqs: list[Sequence], ks: list[int]):
         """Chains of proposals (target ids), their behaviour log-probs, and q over the target vocab."""
-        d2t = self.draft.draft_to_target
         props: list[list[int]] = [[] for _ in seqs]
         logps: list[list[float]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        if not any(ks):
+            return props, [[] for _ in seqs], [[] for _ in seqs]
+        d2t = self.draft.draft_to_target
         logits = {b: self._state[s.slot].logits for b, s in enumerate(seqs) if ks[b] > 0}
         hidden = {b: self._state[s.slot].hidden for b, s in enumerate(seqs) if ks[b] > 0}
         for depth in range(1, max(ks, default=0) + 1):
@@ -238,12 +240,10 @@ class SpecDecoder:
         return props, logps, qs
 
     def _verify(self, seqs, ks, props, qs, target_logits: torch.Tensor) -> list[Verdict]:
-        d2t = self.draft.draft_to_target
-
         def draft_q(b: int, vocab: int) -> torch.Tensor:
             q = torch.zeros(ks[b], vocab)
             if ks[b]:
-                q[:, d2t] = torch.stack(qs[b])
+                q[:, self.draft.draft_to_target] = torch.stack(qs[b])
             return q
 
         return verify_chains(seqs, props, target_logits, draft_q)
@@ -275,6 +275,9 @@ def verify_chains(seqs: list[Sequence], props: list[list[int]], target_logits: t
     distribution [k, V] over the target vocabulary (only called for sampled rows).
     """
     K = max((len(p) for p in props), default=0)
+    if K == 0:  # nothing proposed (a k = 0 step): plain sampling, as a decode step without a draft does
+        tokens = sample_tokens(target_logits[:, 0], [s.params for s in seqs], [s.generator for s in seqs])
+        return [Verdict(0, t) for t in tokens]
     verdicts: list[Verdict | None] = [None] * len(seqs)
     greedy = [b for b, s in enumerate(seqs) if s.params.greedy]
     if greedy:
