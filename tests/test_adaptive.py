@@ -248,3 +248,15 @@ def test_switching_off_restores_fixed_lookahead():
 
 def _pad(counts):
     return list(counts) + [0] * (8 - len(counts))
+
+
+@pytest.mark.unit
+def test_noise_never_makes_a_larger_lookahead_cheaper():
+    ctrl = AdaptiveLookahead(3, AdaptiveConfig(epsilon=0.0, epsilon_min=0.0))
+    for _ in range(10):
+        ctrl.observe(4, 0, 1.0, [], [])
+        ctrl.observe(4, 1, 0.9, [4], [2])  # a lucky spell: k = 1 timed below k = 0
+    costs = ctrl.costs(4)
+    assert costs == sorted(costs) and costs[1] == pytest.approx(1.0)
+    # alpha 0.5 (E[1] = 1.5): k = 1 pays at equal cost, but only because it is really no dearer
+    assert ctrl.choose(4) >= 1

@@ -21,7 +21,8 @@ Model, per batch size B and lookahead k in 0..K (one k for the whole batch):
   ``prior_slope`` x B x the step time, at most ``max_prior_slope``: each lookahead token adds B
   verified tokens, nearly free while a step is bound by reading the weights and as dear as the step
   itself once it is bound by compute), an unmeasured bucket borrows the nearest measured bucket's curve. Only ratios between
-  ks matter, so borrowed absolute times do no harm.
+  ks matter, so borrowed absolute times do no harm. Predicted costs never fall with k: a larger k
+  timed below a smaller one is noise, and must not buy speculation.
 - Choice: k* = argmax_k B*E[k]/t(B, k); B cancels. Ties within ``min_gain`` go to the smaller k,
   so timing noise never buys speculation that does not pay: with a useless draft (alpha ~ 0, E[k] ~ 1)
   and t growing with k the answer is k = 0 at every batch size.
@@ -205,7 +206,11 @@ class AdaptiveLookahead:
             b = min(self._cost, key=lambda m: (abs(m - b), m))
         cells = {k: (m, n) for k, (m, n) in self._cost.get(b, {}).items()}
         cfg = self.config
-        return predict_costs(cells, self.max_lookahead, min(cfg.prior_slope * batch, cfg.max_prior_slope))
+        costs = predict_costs(cells, self.max_lookahead, min(cfg.prior_slope * batch, cfg.max_prior_slope))
+        # Proposing more never makes a step cheaper: a k measured below a smaller one is timing noise.
+        for k in range(1, len(costs)):
+            costs[k] = max(costs[k], costs[k - 1])
+        return costs
 
     def optimistic_alphas(self) -> list[float]:
         """Upper confidence bounds of the per-depth acceptance (alpha + 2 sd + 1/n, capped at 1)."""
