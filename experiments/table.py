@@ -1,12 +1,12 @@
 """table: the Aurora model-card table for our engine with a trained draft.
 
-Batch 1, 4, 8, 16 x {no speculation, lookahead 3, 4, 5, adaptive}: mean / p50 / p5 / p95 tokens/s per
-request, speedup over no speculation measured in the same run, accept length and the mean lookahead
-used. The draft is the one the day0 experiment trained online (``experiments/results/day0/aurora/draft``)
+Batch 1, 4, 8, 16 x {no speculation, a plain control, lookahead 3, 4, 5, adaptive}: mean / p50 / p5 /
+p95 tokens/s per request, speedup over no speculation (median of paired per-wave ratios, measured in
+the same run), accept length and the mean lookahead used. The draft is the one the day0 experiment trained online (``experiments/results/day0/aurora/draft``)
 unless ``--draft`` names another EAGLE3 folder. This is ``python -m aurora_rl.bench_spec`` with the
 experiment's defaults.
 
-    python experiments/table.py                 # full: 16 ShareGPT code prompts, 64 tokens each
+    python experiments/table.py --repeats 2     # full: 16 ShareGPT code prompts, 64 tokens each, twice
     python experiments/table.py --short         # minutes: batch 1 and 4, lookahead 4 and adaptive
 
 Writes ``<out>/bench_spec.json``, ``<out>/bench_spec.png`` and ``<out>/results.md``.
