@@ -20,9 +20,9 @@ Model, per batch size B and lookahead k in 0..K (one k for the whole batch):
   the bucket's least-squares slope (clamped >= 0; when only one k is measured, a prior slope of
   ``prior_slope`` x B x the step time, at most ``max_prior_slope``: each lookahead token adds B
   verified tokens, nearly free while a step is bound by reading the weights and as dear as the step
-  itself once it is bound by compute), an unmeasured bucket borrows the nearest measured bucket's curve. Only ratios between
-  ks matter, so borrowed absolute times do no harm. Predicted costs never fall with k: a larger k
-  timed below a smaller one is noise, and must not buy speculation.
+  itself once it is bound by compute), an unmeasured bucket borrows the nearest measured bucket's
+  curve. Only ratios between ks matter, so borrowed absolute times do no harm. Predicted costs never
+  fall with k: a larger k timed below a smaller one is noise, and must not buy speculation.
 - Choice: k* = argmax_k B*E[k]/t(B, k); B cancels. Ties within ``min_gain`` go to the smaller k,
   so timing noise never buys speculation that does not pay: with a useless draft (alpha ~ 0, E[k] ~ 1)
   and t growing with k the answer is k = 0 at every batch size.
@@ -30,10 +30,10 @@ Model, per batch size B and lookahead k in 0..K (one k for the whole batch):
   acceptance is measured), so a cold controller never pays for speculation on faith, at any batch
   size. Until ``probe_evidence`` depth-1 proposals have been seen, a step that chose k = 0 lets one
   row (the lowest slot) propose a single token: a probe that measures acceptance for the price of one
-  more verified token, at any batch size. With probability eps = max(eps_min, eps0 * d / (d + steps)) a step uses a neighbour k* +- 1.
-  A step up to k* + 1 is only taken while it could still pay: its throughput with optimistic
-  acceptance (an upper confidence bound, alpha + 2 sd + 1/n over the n proposals remembered at each
-  depth) must beat k*'s. So a draft shown to be useless stops costing exploration steps, while a good
+  more verified token, at any batch size. With probability eps = max(eps_min, eps0 * d / (d + steps))
+  a step uses a neighbour k* +- 1. A step up to k* + 1 is only taken while it could still pay: its
+  throughput with optimistic acceptance (an upper confidence bound, alpha + 2 sd + 1/n over the n
+  proposals remembered at each depth) must beat k*'s. So a draft shown to be useless stops costing exploration steps, while a good
   one is adopted within a few exploration steps (unmeasured deeper depths inherit the measured
   alpha, so one measured depth is enough to jump to a large k), and a new draft is noticed: when the
   decoder's policy version changes (a hot swap), the acceptance evidence is halved (``forget``), the
@@ -313,9 +313,10 @@ class AdaptiveLookahead:
             dp, da = _delta(decoder.depth_proposed, p0), _delta(decoder.depth_accepted, a0)
             # A proposal at depth j implies one at every shallower depth: k is the deepest proposed.
             deepest = sum(1 for x in dp if x > 0)
-            k = deepest if self._cost_k == -1 or (self._cost_k or 0) > deepest else self._cost_k
-            self.observe(len(seqs), k, max(seconds, 1e-9), dp, da)
-            self._cost_k = -1
+            cost_k, self._cost_k = self._cost_k, -1
+            if cost_k == -1 or (cost_k is not None and cost_k > deepest):
+                cost_k = deepest  # not chosen here, or the room left cut the proposals short
+            self.observe(len(seqs), cost_k, max(seconds, 1e-9), dp, da)
 
         decoder.decode = decode
         decoder.lookahead_fn = self
