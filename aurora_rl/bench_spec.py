@@ -7,8 +7,8 @@ go out in waves of one batch, each wave served by every configuration in turn (A
 speedup is the median over waves of the paired ratio of mean tokens/s, which a shared machine's slow
 spells cannot bias toward one configuration (``speedup_of_means`` in the JSON is the plain ratio).
 A "control" row, a second plain engine served in the same waves, shows how far from 1.00x noise alone
-moves a ratio in that run. "No speculation" is the plain engine (no draft at all); "adaptive" is the serving
-default, ``AdaptiveLookahead`` choosing k in 0..max(lookaheads) each step. With the default day-0
+moves a ratio in that run. "No speculation" is the plain engine (no draft at all); "adaptive" is the
+serving default, ``AdaptiveLookahead`` choosing k in 0..max(lookaheads) each step. With the default day-0
 random draft the table shows what speculating costs; with ``--draft DIR`` (an EAGLE3 folder, e.g. a
 run's ``draft/``) it shows the gain. A second table times lookahead 4 with trace capture on and off.
 Figures go to JSON and a plot (speedup vs batch size) in ``--out``.
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="batch 1 and 4, lookahead 4, 4 prompts, 16 tokens")
     p.add_argument("--out", default=f"outputs/bench_spec/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     args = p.parse_args(argv)
+    if args.repeats < 1:  # before the model loads
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.quick:
         args.batch_sizes, args.lookaheads, args.prompts, args.max_tokens = "1,4", "4,adaptive", 4, 16
     torch.set_num_threads(args.threads)
@@ -183,8 +185,6 @@ def main(argv: list[str] | None = None) -> dict:
     rows, identical = [], True
     lookaheads = parse_lookaheads(args.lookaheads)
     max_k = max([k for k in lookaheads if k != ADAPTIVE], default=5)
-    if args.repeats < 1:
-        p.error(f"--repeats must be >= 1, got {args.repeats}")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         extra = [] if args.no_control else [CONTROL]
         cells = [Cell(target, tokenizer, draft, batch, k, max_lookahead=max_k) for k in [None, *extra, *lookaheads]]

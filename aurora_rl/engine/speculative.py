@@ -211,7 +211,7 @@ class SpecDecoder:
         logps: list[list[float]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         if not any(ks):
-            return props, [[] for _ in seqs], [[] for _ in seqs]
+            return props, logps, qs
         d2t = self.draft.draft_to_target
         logits = {b: self._state[s.slot].logits for b, s in enumerate(seqs) if ks[b] > 0}
         hidden = {b: self._state[s.slot].hidden for b, s in enumerate(seqs) if ks[b] > 0}
