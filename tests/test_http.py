@@ -6,6 +6,7 @@ test checks the streaming detokeniser (stop-string hold-back, split multi-byte c
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -202,19 +203,41 @@ def test_two_concurrent_streams_both_finish(served, client):
 def test_client_disconnect_mid_stream_frees_the_slot(served):
     handle, loop = served
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", handle.url + "/v1/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
-        assert r.status_code == 200
-        first = next(line for line in r.iter_lines() if line.startswith("data:"))
-        assert '"text_completion"' in first and loop.in_flight() == 1
-    health = _wait_for_aborted(handle, loop, 1)
-    assert loop.in_flight() == 0 and health["requests"].get("aborted") == 1
+    with _engine_held_after(loop, steps=3) as release:
+        with httpx.stream("POST", handle.url + "/v1/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            first = next(line for line in r.iter_lines() if line.startswith("data:"))
+            assert '"text_completion"' in first and loop.in_flight() == 1
+        health = _wait_for_aborted(handle, loop, 1)  # noticed while the engine is held: no new chunk needed
+        assert loop.in_flight() == 0 and health["requests"].get("aborted") == 1
+        release.set()
     # A non-streaming client that gives up (a timeout) is noticed too.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(handle.url + "/v1/completions", json={**body, "stream": False}, timeout=1.0,
-                   headers={"Authorization": f"Bearer {KEY}"})
-    health = _wait_for_aborted(handle, loop, 2)
-    assert loop.in_flight() == 0 and health["requests"].get("aborted") == 2
+    with _engine_held_after(loop, steps=3):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(handle.url + "/v1/completions", json={**body, "stream": False}, timeout=1.0,
+                       headers={"Authorization": f"Bearer {KEY}"})
+        health = _wait_for_aborted(handle, loop, 2)
+        assert loop.in_flight() == 0 and health["requests"].get("aborted") == 2
+
+
+@contextlib.contextmanager
+def _engine_held_after(loop, steps: int, timeout_s: float = 60.0):
+    """Let the engine loop take ``steps`` more steps, then hold it at the step boundary until the yielded
+    event is set (or the block ends). A request of 400 tokens then cannot finish before the client goes
+    away, however fast the engine and however slow the client on a loaded machine."""
+    release, first = threading.Event(), loop.steps
+
+    def hold() -> None:
+        if loop.steps >= first + steps:
+            release.wait(timeout_s)
+
+    loop.before_step = hold
+    try:
+        yield release
+    finally:
+        release.set()
+        loop.before_step = None
 
 
 def _wait_for_aborted(handle, loop, n: int, timeout_s: float = 30.0) -> dict:
