@@ -146,16 +146,50 @@ def plot(result: dict, path: Path) -> None:
 
 
 def load(args):
-    from aurora_rl.data.sharegpt import chat_token_ids, sample_prompts
+    from aurora_rl.data.sharegpt import chat_token_ids, domain_counts, sample_prompts
     from aurora_rl.runtime.factory import initial_draft, load_target_model
 
     section = ModelSection(dtype=args.dtype, draft=args.draft or "random", draft_vocab_size=args.draft_vocab_size)
     target, tokenizer = load_target_model(section)
-    ids = [chat_token_ids(tokenizer, p.messages) for p in sample_prompts("code", 64 + args.prompts, seed=1)]
-    ids = [i for i in ids if len(i) <= 768]
+    seen: set[tuple[int, ...]] = set()
+    for run in args.exclude_run:
+        seen |= trained_prompts(run, tokenizer, target.config.vocab_size)
+    ids, excluded = [], 0
+    for p in sample_prompts(args.domain, domain_counts()[args.domain], seed=args.seed):
+        i = chat_token_ids(tokenizer, p.messages)
+        if tuple(i) in seen:
+            excluded += 1
+        elif len(i) <= 768:
+            ids.append(i)
+        if len(ids) == args.prompts + 64:
+            break
+    if len(ids) < args.prompts:
+        raise SystemExit(f"only {len(ids)} {args.domain!r} prompts of at most 768 tokens are left after excluding "
+                         f"{excluded} that {args.exclude_run} trained on; --prompts asks for {args.prompts}")
     prompts, vocab_sample = ids[: args.prompts], ids[args.prompts:]
     draft = initial_draft(section, target, vocab_sample).to_dtype(target.dtype).eval()
-    return target, tokenizer, draft, prompts
+    return target, tokenizer, draft, prompts, excluded
+
+
+def trained_prompts(run_dir: str | Path, tokenizer, vocab_size: int) -> set[tuple[int, ...]]:
+    """Prompt ids a run's learner may have trained on: its traffic, rebuilt from the run's saved config
+    (``.hydra/config.yaml``), up to the last request in its ``requests.jsonl``."""
+    from omegaconf import OmegaConf
+
+    from aurora_rl.config import WorkloadSection
+    from aurora_rl.runtime.traffic import build_traffic
+
+    run = Path(run_dir)
+    cfg_path, log_path = run / ".hydra" / "config.yaml", run / "requests.jsonl"
+    for f in (cfg_path, log_path):
+        if not f.is_file():
+            raise SystemExit(f"--exclude-run {run}: no {f.name} there (expected a run directory of aurora-rl)")
+    cfg = OmegaConf.load(cfg_path)
+    section = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WorkloadSection), cfg.workload))
+    served = 1 + max((json.loads(line)["index"] for line in log_path.read_text().splitlines() if line.strip()),
+                     default=-1)
+    traffic = build_traffic(section, tokenizer, vocab_size, int(cfg.seed))
+    return {tuple(ids) for ids, _ in traffic.requests[:served]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -165,6 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="comma list of fixed lookaheads and/or 'adaptive' (over 0..the largest fixed one)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--domain", default="code", choices=["code", "chat", "non_english", "all"],
+                   help="ShareGPT domain of the prompts")
+    p.add_argument("--seed", type=int, default=1, help="order in which the domain's prompts are taken")
+    p.add_argument("--exclude-run", action="append", default=[], metavar="RUN_DIR",
+                   help="leave out every prompt this aurora-rl run served (its learner trained on them); repeatable")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--draft", default=None, help="EAGLE3 draft folder (default: a day-0 random draft)")
     p.add_argument("--draft-vocab-size", type=int, default=4096)
@@ -181,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.batch_sizes, args.lookaheads, args.prompts, args.max_tokens = "1,4", "4,adaptive", 4, 16
     torch.set_num_threads(args.threads)
-    target, tokenizer, draft, prompts = load(args)
+    target, tokenizer, draft, prompts, excluded = load(args)
     rows, identical = [], True
     lookaheads = parse_lookaheads(args.lookaheads)
     max_k = max([k for k in lookaheads if k != ADAPTIVE], default=5)
@@ -205,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     run_cells(capture_cells, prompts, args.max_tokens, args.repeats)
     capture = [c.row() for c in capture_cells]
     result = {"dtype": args.dtype, "draft": args.draft or "day-0 random", "max_tokens": args.max_tokens,
-              "prompts": len(prompts), "greedy_outputs_identical": identical,
+              "prompts": len(prompts), "domain": args.domain, "prompt_seed": args.seed,
+              "excluded_runs": args.exclude_run, "prompts_excluded": excluded, "greedy_outputs_identical": identical,
               "repeats": args.repeats,
               "table": [{k: v for k, v in r.items() if k != "outputs"} for r in rows],
               "capture": [{k: v for k, v in r.items() if k != "outputs"} for r in capture],
@@ -214,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_spec.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "bench_spec.png")
-    print(f"draft: {result['draft']}, {args.dtype}, {len(prompts)} ShareGPT code prompts, {args.max_tokens} tokens each")
+    print(f"draft: {result['draft']}, {args.dtype}, {len(prompts)} ShareGPT {args.domain} prompts, {args.max_tokens} "
+          f"tokens each ({excluded} left out as trained on)")
     print(markdown_table(result["table"]))
     off, on = result["capture"]
     print(f"trace capture at batch {off['batch']}, lookahead 4: {off['mean']:.1f} tok/s off, {on['mean']:.1f} on "

@@ -63,3 +63,22 @@ def test_bench_spec_quick(tmp_path, smollm2_dir):
     assert (tmp_path / "bench_spec.png").stat().st_size > 0
     assert "| 4 | adaptive |" in (tmp_path / "results.md").read_text() and r["machine"]["cores"] >= 1
     assert r["capture"][0]["capture"] is False and r["capture"][1]["capture"] is True
+
+
+@pytest.mark.smoke
+def test_exclude_run_finds_exactly_the_prompts_a_run_served(tmp_path, smollm2_tokenizer):
+    from aurora_rl.bench_spec import trained_prompts
+    from aurora_rl.data.sharegpt import chat_token_ids, sample_prompts
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "seed: 3\nworkload:\n  source: sharegpt\n  phases:\n  - {domain: code, requests: 5}\n"
+        "  max_prompt_tokens: 100000\n  held_out: 2\n")
+    (run / "requests.jsonl").write_text("".join(json.dumps({"index": i}) + "\n" for i in (1, 0, 2)))
+    got = trained_prompts(run, smollm2_tokenizer, 49152)
+    order = [tuple(chat_token_ids(smollm2_tokenizer, p.messages)) for p in sample_prompts("code", 6, seed=3)]
+    assert got == set(order[2:5])  # the first 2 are held out; 3 of the 5 requests were served
+    (run / "requests.jsonl").unlink()
+    with pytest.raises(SystemExit, match="requests.jsonl"):
+        trained_prompts(run, smollm2_tokenizer, 49152)
