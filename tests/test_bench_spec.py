@@ -29,13 +29,17 @@ def test_waves_are_served_abba_and_speedups_are_paired():
         def __init__(self, name, batch=2):
             self.name, self.batch, self.wave_means = name, batch, []
 
-        def serve(self, prompts, max_tokens):
-            served.append((self.name, tuple(map(tuple, prompts))))
+        def serve(self, prompts, max_tokens, record=True):
+            served.append((self.name, tuple(map(tuple, prompts)), max_tokens, record))
 
     a, b = FakeCell("a"), FakeCell("b")
-    run_cells([a, b], [[1], [2], [3]], max_tokens=4, repeats=2)
-    assert [n for n, _ in served] == ["a", "b", "b", "a", "a", "b", "b", "a"]
-    assert [w for _, w in served[::2]] == [((1,), (2,)), ((3,),), ((1,), (2,)), ((3,),)]
+    run_cells([a, b], [[1], [2], [3]], max_tokens=4, repeats=2, warmup_tokens=2)
+    # First an unrecorded short warm-up of the first wave by every cell, then the ABBA waves.
+    assert served[:2] == [("a", ((1,), (2,)), 2, False), ("b", ((1,), (2,)), 2, False)]
+    served = served[2:]
+    assert all(m == 4 and rec for _, _, m, rec in served)
+    assert [n for n, *_ in served] == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [w for _, w, *_ in served[::2]] == [((1,), (2,)), ((3,),), ((1,), (2,)), ((3,),)]
     a.wave_means, b.wave_means = [10.0, 10.0, 20.0], [5.0, 12.0, 30.0]
     median, ratios = paired_speedup(b, a)
     assert ratios == [0.5, 1.2, 1.5] and median == 1.2
