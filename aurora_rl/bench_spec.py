@@ -10,7 +10,8 @@ A "control" row, a second plain engine served in the same waves, shows how far f
 moves a ratio in that run. "No speculation" is the plain engine (no draft at all); "adaptive" is the
 serving default, ``AdaptiveLookahead`` choosing k in 0..max(lookaheads) each step. With the default day-0
 random draft the table shows what speculating costs; with ``--draft DIR`` (an EAGLE3 folder, e.g. a
-run's ``draft/``) it shows the gain. A second table times lookahead 4 with trace capture on and off.
+run's ``draft/``) it shows the gain. The prompts are ShareGPT first turns of ``--domain``, minus every
+prompt that the run which trained the draft served (and any ``--exclude-run``). A second table times lookahead 4 with trace capture on and off.
 Figures go to JSON and a plot (speedup vs batch size) in ``--out``.
 ``python -m aurora_rl.bench_spec [--quick] [--draft outputs/day0/<run>/draft]``.
 """
@@ -162,6 +163,9 @@ def load(args):
     section = ModelSection(dtype=args.dtype, draft=args.draft or "random", draft_vocab_size=args.draft_vocab_size)
     target, tokenizer = load_target_model(section)
     seen: set[tuple[int, ...]] = set()
+    run_of_draft = Path(args.draft).resolve().parent if args.draft else None
+    if run_of_draft and (run_of_draft / "requests.jsonl").is_file() and not args.keep_trained_prompts:
+        args.exclude_run = [*args.exclude_run, str(run_of_draft)]  # a run's draft: measure on prompts it never saw
     for run in args.exclude_run:
         seen |= trained_prompts(run, tokenizer, target.config.vocab_size)
     ids, excluded = [], 0
@@ -182,23 +186,29 @@ def load(args):
 
 
 def trained_prompts(run_dir: str | Path, tokenizer, vocab_size: int) -> set[tuple[int, ...]]:
-    """Prompt ids a run's learner may have trained on: its traffic, rebuilt from the run's saved config
-    (``.hydra/config.yaml``), up to the last request in its ``requests.jsonl``."""
+    """Prompt ids a run's learner may have trained on: its traffic, rebuilt from the run's config (Hydra's
+    ``.hydra/config.yaml``, or the ``overrides.txt`` an experiment script writes), up to the last request
+    in its ``requests.jsonl``."""
     from omegaconf import OmegaConf
 
+    from aurora_rl.cli import compose
     from aurora_rl.config import WorkloadSection
     from aurora_rl.runtime.traffic import build_traffic
 
     run = Path(run_dir)
-    cfg_path, log_path = run / ".hydra" / "config.yaml", run / "requests.jsonl"
-    for f in (cfg_path, log_path):
-        if not f.is_file():
-            raise SystemExit(f"--exclude-run {run}: no {f.name} there (expected a run directory of aurora-rl)")
-    cfg = OmegaConf.load(cfg_path)
-    section = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WorkloadSection), cfg.workload))
+    hydra_cfg, overrides, log_path = run / ".hydra" / "config.yaml", run / "overrides.txt", run / "requests.jsonl"
+    if not log_path.is_file() or not (hydra_cfg.is_file() or overrides.is_file()):
+        raise SystemExit(f"--exclude-run {run}: needs requests.jsonl and .hydra/config.yaml or overrides.txt there "
+                         f"(a run directory of aurora-rl or of an experiment script)")
+    if hydra_cfg.is_file():
+        cfg = OmegaConf.load(hydra_cfg)
+        section, seed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(WorkloadSection), cfg.workload)), cfg.seed
+    else:
+        run_cfg = compose(overrides.read_text().split(), run)
+        section, seed = run_cfg.workload, run_cfg.seed
     served = 1 + max((json.loads(line)["index"] for line in log_path.read_text().splitlines() if line.strip()),
                      default=-1)
-    traffic = build_traffic(section, tokenizer, vocab_size, int(cfg.seed))
+    traffic = build_traffic(section, tokenizer, vocab_size, int(seed))
     return {tuple(ids) for ids, _ in traffic.requests[:served]}
 
 
@@ -213,7 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="ShareGPT domain of the prompts")
     p.add_argument("--seed", type=int, default=1, help="order in which the domain's prompts are taken")
     p.add_argument("--exclude-run", action="append", default=[], metavar="RUN_DIR",
-                   help="leave out every prompt this aurora-rl run served (its learner trained on them); repeatable")
+                   help="leave out every prompt this aurora-rl run served (its learner trained on them); repeatable. "
+                        "A --draft inside a run directory (RUN_DIR/draft) excludes its own run by default")
+    p.add_argument("--keep-trained-prompts", action="store_true",
+                   help="do not leave out the prompts of the run that trained --draft")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--draft", default=None, help="EAGLE3 draft folder (default: a day-0 random draft)")
     p.add_argument("--draft-vocab-size", type=int, default=4096)

@@ -87,6 +87,19 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return run_cfg
 
 
+def compose(overrides: list[str], output_dir: str | Path) -> RunConfig:
+    """The validated RunConfig for ``overrides``, exactly as ``aurora-rl <overrides>`` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[*overrides, f"output_dir={output_dir}"])
+    return to_run_config(cfg)
+
+
 def _checked(cfg: DictConfig) -> RunConfig:
     try:
         return to_run_config(cfg)

@@ -25,17 +25,9 @@ def say(msg: str) -> None:
 
 def compose(overrides: list[str], output_dir: Path):
     """The validated RunConfig for ``overrides``, exactly as ``aurora-rl <overrides>`` would compose it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from aurora_rl.cli import compose as compose_run_config
 
-    from aurora_rl.cli import CONF_DIR, register_schemas, to_run_config
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=[*overrides, f"output_dir={output_dir}"])
-    return to_run_config(cfg)
+    return compose_run_config(overrides, output_dir)
 
 
 def run_arm(name: str, overrides: list[str], out: Path, reuse: bool = False) -> dict[str, Any]:

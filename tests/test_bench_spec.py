@@ -83,6 +83,11 @@ def test_exclude_run_finds_exactly_the_prompts_a_run_served(tmp_path, smollm2_to
     got = trained_prompts(run, smollm2_tokenizer, 49152)
     order = [tuple(chat_token_ids(smollm2_tokenizer, p.messages)) for p in sample_prompts("code", 6, seed=3)]
     assert got == set(order[2:5])  # the first 2 are held out; 3 of the 5 requests were served
+    # An experiment script's arm keeps its overrides instead of Hydra's folder: the same prompts.
+    (run / ".hydra" / "config.yaml").unlink()
+    (run / "overrides.txt").write_text("seed=3 workload=code workload.max_prompt_tokens=100000 workload.held_out=2 "
+                                       "workload.phases=[{domain:code,requests:5}]\n")
+    assert trained_prompts(run, smollm2_tokenizer, 49152) == set(order[2:5])
     (run / "requests.jsonl").unlink()
     with pytest.raises(SystemExit, match="requests.jsonl"):
         trained_prompts(run, smollm2_tokenizer, 49152)
