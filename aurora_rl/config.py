@@ -86,6 +86,8 @@ class LearnerSection:
     grad_accum: int = 1
     replay_ratio: int = 2
     """Optimizer passes over each batch of traces."""
+    prompt_bases: int = 0
+    """Prompt positions per trace trained on as well (0 = generated positions only)."""
     batch_traces: int = 8
     """Traces per learner batch."""
     publish_every: int = 1
@@ -213,6 +215,8 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"{key}={value} must be >= 1")
     if cfg.engine.lookahead < 0:
         raise ValueError(f"engine.lookahead={cfg.engine.lookahead} must be >= 0")
+    if cfg.learner.prompt_bases < 0:
+        raise ValueError(f"learner.prompt_bases={cfg.learner.prompt_bases} must be >= 0 (0 = generated positions only)")
     if cfg.engine.lookahead > cfg.learner.depth:
         raise ValueError(f"engine.lookahead={cfg.engine.lookahead} exceeds learner.depth={cfg.learner.depth}: "
                          "the draft would propose at depths it is never trained for")

@@ -32,7 +32,8 @@ def learner_config(section: LearnerSection, algorithm: AlgorithmSection, workloa
         algorithm=algorithm.name, algorithm_args=dict(algorithm.args), lr=section.lr,
         warmup_steps=section.warmup_steps, weight_decay=section.weight_decay, grad_clip=section.grad_clip,
         depth=section.depth, dtype=section.dtype, grad_accum=section.grad_accum,
-        replay_ratio=section.replay_ratio, greedy_verify=workload.temperature == 0.0,
+        replay_ratio=section.replay_ratio, prompt_bases=section.prompt_bases,
+        greedy_verify=workload.temperature == 0.0,
     )
 
 

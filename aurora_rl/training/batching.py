@@ -4,6 +4,13 @@ Chains are unrolled at the bases serving runs them from (i = P-1 .. L-2, the pos
 target generated), so depth j at base i predicts generated token x_{i+j+1}. The target distribution
 for that token is the target's lm_head applied to the stored final-norm hidden state at i+j,
 restricted to the draft vocabulary; full target logits never travel through the buffer.
+
+Optionally (``prompt_bases`` > 0) up to that many prompt positions per trace are unrolled too: the
+taps of the prompt are in the trace already and the depth-1 pass computes them anyway, so they add
+draft-training rows at little cost. At a prompt position the target emitted nothing, so the NTP label
+is the target's greedy token there (argmax of its full lm_head over the stored hidden state), which is
+what greedy verification would check; the KL terms use the target distribution as everywhere else.
+Prompt rows come after a trace's generated rows and carry no logged proposals.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ class TraceBatch:
     """[M] long: draft version that made each logged step (lag is taken against the learner's version
     at loss time, so replay passes see their true lag)."""
     num_tokens: int
-    """Generated tokens covered (valid depth-1 entries)."""
+    """Rows with a valid depth-1 entry: generated tokens, plus prompt rows when those are trained on."""
 
     def loss_batch(self, draft_logits: torch.Tensor, policy_version: int) -> LossBatch:
         """The algorithms' view; a trace from a newer version than the learner counts as lag 0 (the
@@ -53,36 +60,68 @@ class TraceBatch:
         )
 
 
-def collate(traces: list[Trace], draft: Eagle3Draft, target_head: torch.Tensor, depth: int) -> TraceBatch:
+def _prompt_bases(P: int, budget: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Up to ``budget`` prompt positions in 0..P-2 (all of them when there are fewer), sorted."""
+    n = max(P - 1, 0)
+    if budget >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator)[:budget].sort().values
+
+
+def _greedy_labels(t: Trace, bases: torch.Tensor, depth: int, target_head: torch.Tensor) -> torch.Tensor:
+    """Tokens x_0..x_L of ``t``, with each prompt token that a chain from ``bases`` predicts replaced by
+    the target's greedy choice there (only those positions pay for the full lm_head)."""
+    tokens = t.tokens.clone()
+    P = len(t.prompt_ids)
+    if len(bases):
+        pos = (bases.view(-1, 1) + torch.arange(2, depth + 2)).flatten().unique()
+        pos = pos[pos <= P - 1]
+        with torch.no_grad():
+            tokens[pos] = (t.hidden[pos - 1].to(target_head.dtype) @ target_head.T).argmax(-1)
+    return tokens
+
+
+def collate(traces: list[Trace], draft: Eagle3Draft, target_head: torch.Tensor, depth: int,
+            prompt_bases: int = 0, generator: torch.Generator | None = None) -> TraceBatch:
     """Pad ``traces`` into one batch for unrolling ``draft`` to ``depth``.
 
-    ``target_head`` is the target's lm_head weight [V, H] (frozen).
+    ``target_head`` is the target's lm_head weight [V, H] (frozen). ``prompt_bases``: prompt positions
+    per trace to train on as well (sampled with ``generator`` when a prompt has more; 0 = none).
     """
     if not traces:
         raise ValueError("collate needs at least one trace")
+    if prompt_bases < 0:
+        raise ValueError(f"prompt_bases must be >= 0, got {prompt_bases}")
     Ls = [t.num_positions for t in traces]
     Ps = [len(t.prompt_ids) for t in traces]
-    T, S = max(Ls), max(max(L - P, 1) for L, P in zip(Ls, Ps))
+    extra = [_prompt_bases(P, prompt_bases, generator) if prompt_bases else torch.zeros(0, dtype=torch.long)
+             for P in Ps]
+    T = max(Ls)
+    S = max(max(L - P, 0) + len(e) for L, P, e in zip(Ls, Ps, extra))
+    S = max(S, 1)
     B, K = len(traces), depth
     F, H = traces[0].taps.shape[1], traces[0].hidden.shape[1]
     tokens = torch.zeros(B, T + 1, dtype=torch.long)
+    labels = torch.zeros(B, T + 1, dtype=torch.long)
     feats = torch.zeros(B, T, F, dtype=draft.dtype)
     hidden = torch.zeros(B, T + K, H)
     bases = torch.zeros(B, S, dtype=torch.long)
     base_valid = torch.zeros(B, S, dtype=torch.bool)
-    for b, (t, L, P) in enumerate(zip(traces, Ls, Ps)):
+    for b, (t, L, P, e) in enumerate(zip(traces, Ls, Ps, extra)):
         tokens[b, : L + 1] = t.tokens[: L + 1]
+        labels[b, : L + 1] = _greedy_labels(t, e, K, target_head)[: L + 1]
         feats[b, :L] = t.taps.to(draft.dtype)
         hidden[b, :L] = t.hidden.float()
         n = max(L - P, 0)
         bases[b, :n] = torch.arange(P - 1, P - 1 + n)
-        base_valid[b, :n] = True
+        bases[b, n:n + len(e)] = e
+        base_valid[b, :n + len(e)] = True
     # Depth j at base i predicts x_{i+j+1}, which must exist (index <= L).
     j = torch.arange(1, K + 1).view(1, 1, K)
     pred_pos = bases.unsqueeze(-1) + j  # index of hidden state predicting x_{i+j+1}
     lengths = torch.tensor(Ls)
     mask = base_valid.unsqueeze(-1) & (pred_pos <= lengths.view(B, 1, 1) - 1)
-    tgt_ids = tokens.gather(1, (pred_pos + 1).clamp(max=T).view(B, -1)).view(B, S, K)
+    tgt_ids = labels.gather(1, (pred_pos + 1).clamp(max=T).view(B, -1)).view(B, S, K)
     target_tokens = draft.target_to_draft(tgt_ids).masked_fill(~mask, -1)
     with torch.no_grad():
         h = hidden.gather(1, pred_pos.clamp(max=T + K - 1).view(B, -1, 1).expand(-1, -1, H)).view(B, S, K, H)

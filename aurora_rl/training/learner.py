@@ -51,10 +51,14 @@ class LearnerConfig:
     """Optimizer passes over each batch of traces (>1 reuses recent data)."""
     greedy_verify: bool = True
     """The serving side verifies greedily (temperature 0): acceptance is q(emitted token)."""
+    prompt_bases: int = 0
+    """Prompt positions per trace also trained on (sampled when a prompt is longer; 0 = generated
+    positions only). Their taps are in the trace already: more rows per served request, at the cost
+    of the deeper TTT depths and the head on those rows."""
 
     def __post_init__(self) -> None:
-        for name in ("warmup_steps", "depth", "grad_accum", "replay_ratio"):
-            if getattr(self, name) < (0 if name == "warmup_steps" else 1):
+        for name in ("warmup_steps", "prompt_bases", "depth", "grad_accum", "replay_ratio"):
+            if getattr(self, name) < (0 if name in ("warmup_steps", "prompt_bases") else 1):
                 raise ValueError(f"LearnerConfig.{name}={getattr(self, name)} is out of range")
         if not self.lr > 0:
             raise ValueError(f"LearnerConfig.lr must be > 0, got {self.lr}")
@@ -91,7 +95,9 @@ class Learner:
         t0 = time.perf_counter()
         cfg = self.config
         chunks = [traces[i::cfg.grad_accum] for i in range(min(cfg.grad_accum, len(traces)))]
-        batches = [collate(c, self.draft, self.target_head, cfg.depth) for c in chunks]
+        # Seeded by the step, so a resumed or repeated run samples the same prompt rows.
+        gen = torch.Generator().manual_seed(self.step)
+        batches = [collate(c, self.draft, self.target_head, cfg.depth, cfg.prompt_bases, gen) for c in chunks]
         totals: dict[str, float] = {}
         for _ in range(cfg.replay_ratio):
             metrics = self._step(batches)
