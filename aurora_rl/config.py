@@ -86,7 +86,7 @@ class LearnerSection:
     grad_accum: int = 1
     replay_ratio: int = 2
     """Optimizer passes over each batch of traces."""
-    prompt_bases: int = 0
+    prompt_bases: int = 64
     """Prompt positions per trace trained on as well (0 = generated positions only)."""
     batch_traces: int = 8
     """Traces per learner batch."""

@@ -161,7 +161,7 @@ def data(args, out: Path):
 
 
 def run_variant(name: str, overrides: dict, day0, head, train, held, args) -> list[dict]:
-    cfg = LearnerConfig(algorithm="aurora", lr=args.lr, depth=args.depth, **overrides)
+    cfg = LearnerConfig(**{"algorithm": "aurora", "lr": args.lr, "depth": args.depth, **overrides})
     learner = Learner(day0, head, cfg)
     curve = [{"learner_s": 0.0, "updates": 0, "traces": 0,
               "accept_length": held_out_accept_length(learner.draft, held, head, args.depth)}]

@@ -4,8 +4,8 @@ At base position i, depth 1 takes token x_{i+1} and the fused target features g_
 depth j takes token x_{i+j} and the draft's own depth j-1 hidden state (rope position i+j-1) and
 predicts x_{i+j+1}. Attention follows serving: a depth-j query at base i sees the depth-1 keys of
 positions 0..i (what the draft cache holds from target features) plus the keys of its own chain at
-depths 2..j (what the draft wrote while proposing). Depths >= 2 are only computed at the bases the
-loss uses, so the cost is one causal pass over the sequence plus K-1 narrow passes.
+depths 2..j (what the draft wrote while proposing). Keys and values are computed at every position;
+queries, attention, the MLP and the head only at the bases the loss uses, at every depth.
 """
 
 from __future__ import annotations
@@ -49,16 +49,17 @@ def unroll(draft: Eagle3Draft, inp: TTTInputs, depth: int) -> torch.Tensor:
     B, T = inp.features.shape[:2]
     pos = torch.arange(T).expand(B, T)
     hidden = draft.fuse(inp.features)
+    # Every position's key and value is context, but only the bases' queries go on: attention, the
+    # MLP and the head run at S rows, not T (a prompt of hundreds of tokens feeds a few dozen bases).
     q1, k1, v1 = _qkv(draft, inp.tokens[:, 1:T + 1], hidden, pos)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    h = _finish(draft, hidden, F.scaled_dot_product_attention(q1, k1, v1, attn_mask=causal))
     bases = inp.bases
     S = bases.shape[1]
-    gather = bases.unsqueeze(-1).expand(B, S, h.shape[-1])
-    h = h.gather(1, gather)
-    logits = [draft.lm_head(draft.norm(h))]
     # Depth-1 keys a base may see: positions 0..i.
     prefix = torch.arange(T).view(1, 1, 1, T) <= bases.view(B, 1, S, 1)
+    q = q1.gather(2, bases.view(B, 1, S, 1).expand(B, q1.shape[1], S, q1.shape[-1]))
+    h = hidden.gather(1, bases.unsqueeze(-1).expand(B, S, hidden.shape[-1]))
+    h = _finish(draft, h, F.scaled_dot_product_attention(q, k1, v1, attn_mask=prefix))
+    logits = [draft.lm_head(draft.norm(h))]
     scale = draft.hd ** -0.5
     chain_k, chain_v = [], []
     for j in range(2, depth + 1):
