@@ -100,3 +100,28 @@ def test_shift_short(tmp_path):
     assert max(result["arms"]["online"]["policy_version"]) >= 0
     assert result["online_over_frozen_shifted"] > 0
     assert (out / "shift.png").stat().st_size > 0
+
+
+@pytest.mark.unit
+def test_learner_ablation_variants_are_parsed_and_bad_ones_named():
+    parse_variant = load("learner_ablation").parse_variant
+    assert parse_variant("p:prompt_bases=64,replay_ratio=2,dtype=bfloat16") == (
+        "p", {"prompt_bases": 64, "replay_ratio": 2, "dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="not_a_field"):
+        parse_variant("x:not_a_field=1")
+    with pytest.raises(ValueError, match="no name"):
+        parse_variant(":lr=0.1")
+
+
+@pytest.mark.smoke
+def test_learner_ablation_short(tmp_path):
+    run_script("learner_ablation", "--short", "--out", str(tmp_path), "--variant", "plain:replay_ratio=1",
+               "--variant", "prompt:prompt_bases=8,replay_ratio=1")
+    data = json.loads((tmp_path / "learner_ablation.json").read_text())["results"]
+    assert list(data) == ["plain", "prompt"]
+    for r in data.values():
+        curve = r["curve"]
+        assert curve[0]["learner_s"] == 0.0 and curve[-1]["learner_s"] >= 4.0  # the --short budget was spent
+        assert curve[-1]["updates"] > 0 and all(1.0 <= p["accept_length"] <= 1.0 + 4 for p in curve)
+    assert (tmp_path / "learner_ablation.png").stat().st_size > 0
+    assert "| prompt |" in (tmp_path / "learner_ablation.md").read_text()
