@@ -21,7 +21,6 @@ Sections (one function each; more sections, e.g. speculative decoding, plug in t
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -37,15 +36,14 @@ from tqdm import tqdm
 
 from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
 from aurora_rl.engine.runner import ModelRunner
+from aurora_rl.models.dtypes import DTYPES, resolve_dtype
 from aurora_rl.models.loader import load_target
 from aurora_rl.models.target import TargetModel
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-ENGINE_DEFAULT_DTYPE = next(k for k, v in DTYPES.items()
-                            if v == inspect.signature(load_target).parameters["dtype"].default)
-"""The dtype the engine loads models in by default (``load_target``'s default)."""
+ENGINE_DEFAULT_DTYPE = "auto"
+"""What a run's ``model.dtype`` defaults to: bfloat16 where the CPU computes it natively, else float32."""
 
 
 @dataclass
@@ -223,7 +221,7 @@ def bandwidth_section(model: TargetModel, prompt: list[int], steps: int) -> dict
 
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path]:
     p = argparse.ArgumentParser(prog="python -m aurora_rl.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", default=ENGINE_DEFAULT_DTYPE, choices=sorted(DTYPES))
+    p.add_argument("--dtype", default=ENGINE_DEFAULT_DTYPE, choices=["auto", *sorted(DTYPES)])
     p.add_argument("--batch-sizes", default="1,4,8,16", help="comma separated, e.g. 1,4,8,16")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=16, help="requests per batch size")
@@ -261,11 +259,11 @@ def run(cfg: BenchConfig) -> dict:
     path = ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.padding_side = "left"
-    dtype = DTYPES[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype)
     prompts = load_prompts(tokenizer, cfg, cfg.requests)
     model, hf = load_target(path, dtype), load_hf(path, dtype)
     results = {"config": asdict(cfg), "environment": {
-        "torch": torch.__version__, "threads": threads, "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "threads": threads, "cpu": platform.processor() or platform.machine(),
         "prompt_tokens": {"mean": statistics.mean(map(len, prompts)), "max": max(map(len, prompts))}}}
     results["generate"] = generate_section(model, hf, tokenizer, prompts, cfg)
     differing = sorted({m["prompt"] for r in results["generate"].values() for m in r["mismatches"]})

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from aurora_rl.config import ModelSection
+from aurora_rl.models.dtypes import resolve_dtype
 from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
 from aurora_rl.engine.adaptive import AdaptiveLookahead
 from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "A --draft inside a run directory (RUN_DIR/draft) excludes its own run by default")
     p.add_argument("--keep-trained-prompts", action="store_true",
                    help="do not leave out the prompts of the run that trained --draft")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="auto: bfloat16 where the CPU computes it natively, else float32")
     p.add_argument("--draft", default=None, help="EAGLE3 draft folder (default: a day-0 random draft)")
     p.add_argument("--draft-vocab-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     capture_cells = [Cell(target, tokenizer, draft, b, 4, capture=c) for c in (False, True)]
     run_cells(capture_cells, prompts, args.max_tokens, args.repeats)
     capture = [c.row() for c in capture_cells]
-    result = {"dtype": args.dtype, "draft": args.draft or "day-0 random", "max_tokens": args.max_tokens,
+    result = {"dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."), "draft": args.draft or "day-0 random", "max_tokens": args.max_tokens,
               "prompts": len(prompts), "domain": args.domain, "prompt_seed": args.seed,
               "excluded_runs": args.exclude_run, "prompts_excluded": excluded, "greedy_outputs_identical": identical,
               "repeats": args.repeats,
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_spec.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "bench_spec.png")
-    print(f"draft: {result['draft']}, {args.dtype}, {len(prompts)} ShareGPT {args.domain} prompts, {args.max_tokens} "
+    print(f"draft: {result['draft']}, {result['dtype']}, {len(prompts)} ShareGPT {args.domain} prompts, {args.max_tokens} "
           f"tokens each ({excluded} left out as trained on)")
     print(markdown_table(result["table"]))
     off, on = result["capture"]

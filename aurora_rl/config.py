@@ -21,8 +21,9 @@ class ModelSection:
     target: str = "smollm2"
     """``smollm2`` (the embedded SmolLM2-135M-Instruct), ``tiny`` (random, tests), a HF folder,
     a ``.gguf`` file or a hub id."""
-    dtype: str = "bfloat16"
-    """Target weights dtype on the serving side: bfloat16 or float32."""
+    dtype: str = "auto"
+    """Target weights dtype on the serving side: auto (bfloat16 where the CPU or GPU computes it natively,
+    else float32; see ``aurora_rl.models.dtypes``), bfloat16 or float32."""
     draft: str = "random"
     """``random`` (day 0) or the path of an EAGLE3 draft folder."""
     draft_vocab_size: int = 8192
@@ -175,7 +176,7 @@ class RunConfig:
 
 
 CHOICES = {
-    "model.dtype": ("bfloat16", "float32"),
+    "model.dtype": ("auto", "bfloat16", "float32"),
     "model.draft_head_init": ("target", "random"),
     "engine.kind": ("native", "sglang"),
     "engine.trace_dtype": ("bfloat16", "float16", "float32"),

@@ -133,7 +133,7 @@ def held_out_accept_length(draft: Eagle3Draft, traces: list[Trace], head: torch.
 
 def data(args, out: Path):
     """Target head, day-0 draft, training and held-out traces (served once, then cached)."""
-    model = ModelSection(target="tiny" if args.short else "smollm2", dtype="bfloat16",
+    model = ModelSection(target="tiny" if args.short else "smollm2", dtype="auto",
                          draft_vocab_size=args.draft_vocab_size)
     target, tokenizer = load_target_model(model, args.seed)
     head = target.lm_head.weight.detach().float().clone()

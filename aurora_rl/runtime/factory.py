@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from aurora_rl.config import ModelSection
+from aurora_rl.models.dtypes import resolve_dtype
 from aurora_rl.models.draft import DraftConfig, Eagle3Draft, select_draft_vocab, token_frequencies
 from aurora_rl.models.target import TargetModel
 
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def load_target_model(section: ModelSection, seed: int = 0) -> tuple[TargetModel, Any]:
     """The target model and its tokenizer (None for the tiny random model)."""
-    dtype = getattr(torch, section.dtype)
+    dtype = resolve_dtype(section.dtype)
+    log.info("target dtype: %s (model.dtype=%s)", str(dtype).removeprefix("torch."), section.dtype)
     if section.target == "tiny":
         from envs.models import tiny_target
 
