@@ -11,7 +11,13 @@ from aurora_rl.models.layers import Linear, apply_rope
 from aurora_rl.models.target import TargetModel
 from tests.conftest import tiny_target
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="native kernels not built here")
+pytestmark = pytest.mark.skipif(not cpu_kernels.built(), reason="native kernels not built here")
+
+
+@pytest.fixture(autouse=True)
+def use_native_kernels(monkeypatch):
+    """Check the kernels on every CPU they build on, including those where serving leaves them off."""
+    monkeypatch.setenv("AURORA_RL_NATIVE_KERNELS", "1")
 DTYPES = [torch.float32, torch.bfloat16]
 
 

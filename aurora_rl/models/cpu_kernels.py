@@ -15,6 +15,10 @@ Contract:
   with ctypes, using the OpenMP runtime torch already loaded with ``torch.get_num_threads()`` threads.
   No compiler, a system other than x86-64 Linux, a failed build or a failed self-check leaves them
   off (logged once), and callers use PyTorch ops. ``AURORA_RL_NATIVE_KERNELS=0`` turns them off.
+- They are used only on CPUs with AVX-512, which they were written for: on an AVX2-only CPU the 16-wide
+  vector code is split in halves and loses to PyTorch everywhere (measured on an AVX2 EPYC, SmolLM2 in
+  float32, one thread: 71 vs 50 ms for one token at batch 1, 824 vs 151 ms for 4 rows x 5 tokens).
+  ``AURORA_RL_NATIVE_KERNELS=1`` uses them anyway (the kernel tests do, to check them everywhere).
 - Every kernel takes and returns CPU tensors of one dtype, float32 or bfloat16, accumulates in float32
   and rounds where transformers rounds; results differ from PyTorch only in summation order.
 """
@@ -169,9 +173,36 @@ def _self_check(kernels: _Kernels) -> None:
             _check("rope_write", dtype, vc[slots[b], :, pos[b]].transpose(0, 1), x[b, :, 6:], tol)
 
 
-def available() -> bool:
-    """Whether the native kernels are built and loaded (builds them on the first call)."""
+def built() -> bool:
+    """Whether the native kernels are built, loaded and self-checked (builds them on the first call)."""
     return _kernels() is not None
+
+
+@functools.cache
+def _has_avx512() -> bool:
+    try:
+        from aurora_rl.models.dtypes import cpu_flags
+
+        return "avx512f" in cpu_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        return False
+
+
+def available() -> bool:
+    """Whether decoding should use the native kernels: built, and on a CPU they pay on (see the module
+    docstring), unless ``AURORA_RL_NATIVE_KERNELS=1`` asks for them regardless."""
+    if not built():
+        return False
+    if os.environ.get("AURORA_RL_NATIVE_KERNELS") == "1" or _has_avx512():
+        return True
+    _log_not_used()
+    return False
+
+
+@functools.cache
+def _log_not_used() -> None:
+    log.info("native CPU kernels built but not used: this CPU has no AVX-512, where PyTorch ops are faster "
+             "(AURORA_RL_NATIVE_KERNELS=1 forces them)")
 
 
 def _threads() -> int:
