@@ -263,7 +263,8 @@ def run(cfg: BenchConfig) -> dict:
     prompts = load_prompts(tokenizer, cfg, cfg.requests)
     model, hf = load_target(path, dtype), load_hf(path, dtype)
     results = {"config": asdict(cfg), "environment": {
-        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "threads": threads, "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "threads": threads,
+        "cpu": platform.processor() or platform.machine(),
         "prompt_tokens": {"mean": statistics.mean(map(len, prompts)), "max": max(map(len, prompts))}}}
     results["generate"] = generate_section(model, hf, tokenizer, prompts, cfg)
     differing = sorted({m["prompt"] for r in results["generate"].values() for m in r["mismatches"]})
