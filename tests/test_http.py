@@ -208,7 +208,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
                           headers={"Authorization": f"Bearer {KEY}"}) as r:
             assert r.status_code == 200
             first = next(line for line in r.iter_lines() if line.startswith("data:"))
-            assert '"text_completion"' in first and loop.in_flight() == 1
+            state = {"in_flight": loop.in_flight(), "steps": loop.steps, "errors": loop.errors,
+                     "hook_errors": loop.hook_errors, "held": loop.before_step is not None}
+            assert '"text_completion"' in first and state["in_flight"] == 1, state
         health = _wait_for_aborted(handle, loop, 1)  # noticed while the engine is held: no new chunk needed
         assert loop.in_flight() == 0 and health["requests"].get("aborted") == 1
         release.set()
@@ -222,7 +224,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
 
 
 @contextlib.contextmanager
-def _engine_held_after(loop, steps: int, timeout_s: float = 60.0):
+def _engine_held_after(loop, steps: int, timeout_s: float = 600.0):
     """Let the engine loop take ``steps`` more steps, then hold it at the step boundary until the yielded
     event is set (or the block ends). A request of 400 tokens then cannot finish before the client goes
     away, however fast the engine and however slow the client on a loaded machine."""
