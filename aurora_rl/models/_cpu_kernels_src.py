@@ -65,6 +65,7 @@ INLINE void block_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_
 /* One block of 16 outputs for MB rows of x. w: [K][16] float, x: [MB, ldx] float. */
 INLINE void block_f32(const float *w, const float *x, float *y, int64_t K, int64_t ldx, int64_t ldy,
                       int64_t nv, const int MB) {
+#if defined(__AVX512F__)
     v16f acc[8], acc2[8];
     for (int i = 0; i < MB; i++) { acc[i] = (v16f){0}; acc2[i] = (v16f){0}; }
     int64_t k = 0;
@@ -77,16 +78,49 @@ INLINE void block_f32(const float *w, const float *x, float *y, int64_t K, int64
         for (int i = 0; i < MB; i++) acc[i] += w0 * x[i * ldx + k];
     }
     for (int i = 0; i < MB; i++) { v16f s = acc[i] + acc2[i]; memcpy(y + i * ldy, &s, (size_t)nv * 4); }
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* 16 vector registers: one accumulator per row (two registers each), at most F32_ROWS rows per call.
+       Two per row, as above, would spill past 2 rows and make the kernel compute bound. */
+    __m256 lo[4], hi[4];
+    for (int i = 0; i < MB; i++) { lo[i] = _mm256_setzero_ps(); hi[i] = _mm256_setzero_ps(); }
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_loadu_ps(w + k * 16), w1 = _mm256_loadu_ps(w + k * 16 + 8);
+        for (int i = 0; i < MB; i++) {
+            const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);
+            lo[i] = _mm256_fmadd_ps(w0, xv, lo[i]);
+            hi[i] = _mm256_fmadd_ps(w1, xv, hi[i]);
+        }
+    }
+    for (int i = 0; i < MB; i++) {
+        float out[16];
+        _mm256_storeu_ps(out, lo[i]); _mm256_storeu_ps(out + 8, hi[i]);
+        memcpy(y + i * ldy, out, (size_t)nv * 4);
+    }
+#else
+    v16f acc[8];
+    for (int i = 0; i < MB; i++) acc[i] = (v16f){0};
+    for (int64_t k = 0; k < K; k++) {
+        v16f w0; memcpy(&w0, w + k * 16, 64);
+        for (int i = 0; i < MB; i++) acc[i] += w0 * x[i * ldx + k];
+    }
+    for (int i = 0; i < MB; i++) memcpy(y + i * ldy, &acc[i], (size_t)nv * 4);
+#endif
 }
 
-#define DISPATCH(BLOCKFN, T)                                                                          \
+#if defined(__AVX512F__) || !(defined(__AVX2__) && defined(__FMA__))
+#define F32_ROWS 8
+#else
+#define F32_ROWS 4  /* rows per pass over a weight block; the block (16 x K floats) stays in cache between passes */
+#endif
+
+#define DISPATCH(BLOCKFN, T, R)                                                                       \
     const int64_t nblk = (N + 15) / 16;                                                               \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                 \
     for (int64_t b = 0; b < nblk; b++) {                                                              \
         const T *wb = w + b * K * 16;                                                                 \
         const int64_t nv = (N - b * 16) < 16 ? (N - b * 16) : 16;                                     \
         int64_t m = 0;                                                                                \
-        for (; m + 8 <= M; m += 8) BLOCKFN(wb, x + m * ldx, y + m * ldy + b * 16, K, ldx, ldy, nv, 8); \
+        for (; m + R <= M; m += R) BLOCKFN(wb, x + m * ldx, y + m * ldy + b * 16, K, ldx, ldy, nv, R); \
         switch (M - m) {                                                                              \
             case 1: BLOCKFN(wb, x + m * ldx, y + m * ldy + b * 16, K, ldx, ldy, nv, 1); break;          \
             case 2: BLOCKFN(wb, x + m * ldx, y + m * ldy + b * 16, K, ldx, ldy, nv, 2); break;          \
@@ -156,12 +190,12 @@ void aurora_gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t
         return;
     }
 #endif
-    DISPATCH(block_bf16, uint16_t)
+    DISPATCH(block_bf16, uint16_t, 8)
 }
 
 /* y[M, ldy] = x[M, ldx] @ W.T; w packed [ceil(N/16)][K][16] float. */
 void aurora_gemv_f32(const float *w, const float *x, float *y, int64_t M, int64_t N, int64_t K,
-                     int64_t ldx, int64_t ldy, int threads) { DISPATCH(block_f32, float) }
+                     int64_t ldx, int64_t ldy, int threads) { DISPATCH(block_f32, float, F32_ROWS) }
 
 /* ---- attention for a few new tokens per row, straight from the slot KV cache ---------------------- */
 

@@ -15,10 +15,12 @@ Contract:
   with ctypes, using the OpenMP runtime torch already loaded with ``torch.get_num_threads()`` threads.
   No compiler, a system other than x86-64 Linux, a failed build or a failed self-check leaves them
   off (logged once), and callers use PyTorch ops. ``AURORA_RL_NATIVE_KERNELS=0`` turns them off.
-- They are used only on CPUs with AVX-512, which they were written for: on an AVX2-only CPU the 16-wide
-  vector code is split in halves and loses to PyTorch everywhere (measured on an AVX2 EPYC, SmolLM2 in
-  float32, one thread: 71 vs 50 ms for one token at batch 1, 824 vs 151 ms for 4 rows x 5 tokens).
-  ``AURORA_RL_NATIVE_KERNELS=1`` uses them anyway (the kernel tests do, to check them everywhere).
+- They are used on CPUs with AVX-512 or with AVX2 + FMA. The float32 gemv has an AVX2 body (one
+  accumulator per row, at most 4 rows per pass over a weight block): the 16-wide vector-extension code
+  alone spilled registers there and lost to PyTorch everywhere. On AVX2 the gemv pays up to
+  ``max_rows()`` rows a pass; larger passes go to PyTorch. Measured on an AVX2 EPYC, SmolLM2 in float32,
+  one thread, whole forward with taps at batch 1: 35 vs 69 ms for 1 token, 76 vs 126 ms for 5 tokens.
+  ``AURORA_RL_NATIVE_KERNELS=1`` uses them on any CPU (the kernel tests do, to check them everywhere).
 - Every kernel takes and returns CPU tensors of one dtype, float32 or bfloat16, accumulates in float32
   and rounds where transformers rounds; results differ from PyTorch only in summation order.
 """
@@ -188,20 +190,48 @@ def _has_avx512() -> bool:
         return False
 
 
+@functools.cache
+def _has_avx2_fma() -> bool:
+    try:
+        from aurora_rl.models.dtypes import cpu_flags
+
+        flags = cpu_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+AVX512_MAX_ROWS = 128
+"""With AVX-512: rows up to which the gemv beats ``F.linear`` (SmolLM2's shapes, bf16, 2 cores: 2.3x at
+8 rows, 1.4x at 64, 1.2x at 128)."""
+AVX2_MAX_ROWS = 8
+"""With AVX2 only (16 vector registers): the gemv is bound by memory up to about 4 rows and by compute
+beyond. Measured on an AVX2 EPYC, float32, one thread, against ``x @ W.T``: the 576 x 49152 lm_head
+7.2 vs 8.9 ms at 1 row, 11.1 vs 24.2 at 5, 15.2 vs 23.4 at 8, 37.7 vs 33.6 at 20; SmolLM2's
+576 x 3072 and 1536 x 576 layers about break even at 8 rows."""
+
+
 def available() -> bool:
-    """Whether decoding should use the native kernels: built, and on a CPU they pay on (see the module
-    docstring), unless ``AURORA_RL_NATIVE_KERNELS=1`` asks for them regardless."""
+    """Whether decoding should use the native kernels: built, on a CPU with AVX-512 or AVX2 + FMA (the
+    vector code they are written for), or ``AURORA_RL_NATIVE_KERNELS=1``."""
     if not built():
         return False
-    if os.environ.get("AURORA_RL_NATIVE_KERNELS") == "1" or _has_avx512():
+    if os.environ.get("AURORA_RL_NATIVE_KERNELS") == "1" or _has_avx512() or _has_avx2_fma():
         return True
     _log_not_used()
     return False
 
 
 @functools.cache
+def max_rows() -> int:
+    """Most rows (tokens) a pass may have for the native gemv to pay: all of a verify step's rows on
+    AVX-512, a few on AVX2 (larger passes go to PyTorch, see ``AVX2_MAX_ROWS``)."""
+    return AVX2_MAX_ROWS if _has_avx2_fma() and not _has_avx512() else AVX512_MAX_ROWS
+
+
+@functools.cache
 def _log_not_used() -> None:
-    log.info("native CPU kernels built but not used: this CPU has no AVX-512, where PyTorch ops are faster "
+    log.info("native CPU kernels built but not used: this CPU has neither AVX-512 nor AVX2 with FMA "
              "(AURORA_RL_NATIVE_KERNELS=1 forces them)")
 
 

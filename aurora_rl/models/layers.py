@@ -4,7 +4,7 @@ Numerics follow the reference implementations (norms computed in fp32, then cast
 softmax in fp32) so that parity tests against transformers hold in fp32 and stay close in bf16.
 
 Decoding is memory bound on CPU: each step reads every weight for a handful of rows. ``Linear`` sends
-up to ``NATIVE_MAX_ROWS`` rows to the native kernel of ``cpu_kernels`` (over a copy of the weight packed in
+up to ``cpu_kernels.max_rows()`` rows to the native kernel of ``cpu_kernels`` (over a copy of the weight packed in
 the order the kernel streams it) and larger inputs (prefill) to ``F.linear``. Attention groups the
 query heads that share a KV head into one batch of queries, because PyTorch's bf16 SDPA with
 ``enable_gqa`` is 5-10x slower than the grouped call on CPU.
@@ -20,9 +20,6 @@ from torch import nn
 
 from aurora_rl.models import cpu_kernels
 
-NATIVE_MAX_ROWS = 128
-"""Inputs with at most this many rows (tokens) use the native kernel. Measured on SmolLM2's shapes
-(bf16, 2 cores): 2.3x faster than ``F.linear`` at 8 rows, 1.4x at 64, 1.2x at 128, even at 512."""
 
 
 class Linear(nn.Linear):
@@ -41,7 +38,7 @@ class Linear(nn.Linear):
         params = self._parameters
         w, bias = params["weight"], params["bias"]
         rows = x.numel() // self.in_features
-        if 0 < rows <= NATIVE_MAX_ROWS and x.dtype == w.dtype and not torch.is_grad_enabled():
+        if 0 < rows <= cpu_kernels.max_rows() and x.dtype == w.dtype and not torch.is_grad_enabled():
             call = self._native(w)
             if call is not None:
                 x = x.contiguous()

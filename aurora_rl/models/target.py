@@ -210,7 +210,8 @@ class TargetModel(nn.Module):
         ctx = PassContext(cache, plan, cos, sin, mask, causal, native, positions, self.rope)
         x, pending = self.embed(input_ids), None
         layer_out: dict[int, torch.Tensor] = {}
-        fused = self._fused_weights(x) if native else None
+        # the fused layer runs every projection in the gemv: only where it beats PyTorch at B * T rows
+        fused = self._fused_weights(x) if native and B * T <= cpu_kernels.max_rows() else None
         for i, layer in enumerate(self.layers):
             if fused is not None:
                 x, pending = self._fused_layer(i, x, pending, fused, ctx)
