@@ -34,6 +34,9 @@ from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
 
 ADAPTIVE = "adaptive"
 CONTROL = "control"
+COPY = "+copy"
+"""Suffix of a lookahead item ("4+copy", "adaptive+copy"): proposals copied from the context where it
+repeats itself (``SpecConfig.context_copy``), the draft's elsewhere."""
 """A second plain engine in the same waves: its "speedup" over the first is the noise floor of the run."""
 
 
@@ -51,10 +54,14 @@ class Cell:
         self.batch, self.lookahead, self.capture = batch, lookahead, capture
         self.decoder, self.controller = None, None
         if lookahead not in (None, CONTROL):
-            fixed = max_lookahead if lookahead == ADAPTIVE else lookahead
-            self.decoder = SpecDecoder(draft, batch, 2048, SpecConfig(lookahead=fixed, capture_traces=capture),
+            copy = isinstance(lookahead, str) and lookahead.endswith(COPY)
+            k = lookahead.removesuffix(COPY) if copy else lookahead
+            k = k if k == ADAPTIVE or not isinstance(k, str) else int(k)
+            fixed = max_lookahead if k == ADAPTIVE else k
+            self.decoder = SpecDecoder(draft, batch, 2048, SpecConfig(lookahead=fixed, capture_traces=capture,
+                                                                      context_copy=copy),
                                        trace_sink=lambda t: None)
-            if lookahead == ADAPTIVE:
+            if k == ADAPTIVE:
                 self.controller = AdaptiveLookahead(max_lookahead).attach(self.decoder)
         self.engine = LLMEngine(target, EngineConfig(num_slots=batch, max_len=2048), tokenizer, self.decoder)
         self.outs: list = []
@@ -80,6 +87,9 @@ class Cell:
                                    if self.decoder is not None else 0.0),
                 "explored_steps": self.controller.explored if self.controller else 0,
                 "probe_steps": self.controller.probes if self.controller else 0,
+                "copy_steps": getattr(self.decoder, "copy_steps", 0),
+                "copy_accepted": getattr(self.decoder, "copy_accepted", 0),
+                "copy_proposed": getattr(self.decoder, "copy_proposed", 0),
                 "outputs": [o.output_ids for o in outs]}
 
 
@@ -111,12 +121,14 @@ def paired_speedup(cell: Cell, base: Cell) -> tuple[float, list[float]]:
 def parse_lookaheads(text: str) -> list[int | str]:
     out: list[int | str] = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
-        if item == ADAPTIVE:
-            out.append(ADAPTIVE)
-        elif item.isdigit() and int(item) > 0:
-            out.append(int(item))
+        base = item.removesuffix(COPY)
+        if base == ADAPTIVE:
+            out.append(item)
+        elif base.isdigit() and int(base) > 0:
+            out.append(int(item) if base == item else item)
         else:
-            raise ValueError(f"--lookaheads item {item!r}: use positive integers and/or 'adaptive'")
+            raise ValueError(f"--lookaheads item {item!r}: use positive integers and/or 'adaptive', each optionally "
+                             f"followed by '{COPY}'")
     return out
 
 
@@ -217,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", default="1,4,8,16")
     p.add_argument("--lookaheads", default="3,4,5,adaptive",
-                   help="comma list of fixed lookaheads and/or 'adaptive' (over 0..the largest fixed one)")
+                   help="comma list of fixed lookaheads and/or 'adaptive' (over 0..the largest fixed one); "
+                        "a '+copy' suffix (4+copy, adaptive+copy) adds context-copy proposals")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--domain", default="code", choices=["code", "chat", "non_english", "all"],
@@ -248,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     target, tokenizer, draft, prompts, excluded = load(args)
     rows, identical = [], True
     lookaheads = parse_lookaheads(args.lookaheads)
-    max_k = max([k for k in lookaheads if k != ADAPTIVE], default=5)
+    max_k = max([int(str(k).removesuffix(COPY)) for k in lookaheads if str(k).removesuffix(COPY) != ADAPTIVE],
+                default=5)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         extra = [] if args.no_control else [CONTROL]
         cells = [Cell(target, tokenizer, draft, batch, k, max_lookahead=max_k) for k in [None, *extra, *lookaheads]]

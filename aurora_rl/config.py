@@ -50,6 +50,10 @@ class EngineSection:
     """Choose the lookahead per step in 0..``lookahead`` from measured acceptance and step costs (the
     serving default: never slower than no speculation). Off = every step speculates ``lookahead``
     tokens, which experiments that measure acceptance at a fixed lookahead want."""
+    context_copy: bool = False
+    """Native engine: propose by copying from the request's own context where its last 2-4 tokens
+    occurred before (prompt lookup), the draft elsewhere. Copies need no draft pass; the learner
+    trains the draft on every position still, but its proposal terms only on drafted steps."""
     capture_traces: bool = True
     """Record traces for the learner (off = serve only)."""
     trace_dtype: str = "bfloat16"
@@ -247,6 +251,9 @@ def _validate_sglang(cfg: RunConfig) -> None:
     if engine.adaptive_lookahead:
         raise ValueError("engine.adaptive_lookahead=true is not supported with engine.kind=sglang: the lookahead "
                          "is a server argument, fixed at launch")
+    if engine.context_copy:
+        raise ValueError("engine.context_copy=true is not supported with engine.kind=sglang: SGLang's server "
+                         "proposes with the EAGLE3 draft only")
     options = check_engine_section(engine)
     if options.worker.url is not None:
         return

@@ -15,8 +15,11 @@ def test_lookahead_list_is_checked():
     from aurora_rl.bench_spec import parse_lookaheads
 
     assert parse_lookaheads("3, 5,adaptive") == [3, 5, "adaptive"]
+    assert parse_lookaheads("4+copy,adaptive+copy") == ["4+copy", "adaptive+copy"]
     with pytest.raises(ValueError, match="'fast'"):
         parse_lookaheads("3,fast")
+    with pytest.raises(ValueError, match="'0\\+copy'"):
+        parse_lookaheads("0+copy")
 
 
 @pytest.mark.unit

@@ -47,6 +47,7 @@ def test_bad_sglang_arguments_fail_naming_the_key(sglang, match):
     (sglang_config({"tp_size": 2}, rollout_gpus=1), r"cluster\.rollout_gpus=1 is too few.*tp_size=2"),
     (sglang_config(target="tiny"), r"model\.target='tiny' cannot be loaded by SGLang.*engine\.sglang\.url"),
     (sglang_config(adaptive_lookahead=True), r"engine\.adaptive_lookahead"),
+    (sglang_config(context_copy=True), r"engine\.context_copy=true is not supported"),
     (sglang_config(lookahead=0), r"engine\.lookahead=0"),
     (RunConfig(engine=EngineSection(sglang={"tp_size": 2}), output_dir="/tmp/x"), r"engine\.sglang=.*only read with "
                                                                                    r"engine\.kind=sglang"),

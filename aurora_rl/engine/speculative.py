@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from aurora_rl.engine.context_copy import ContextIndex
 from aurora_rl.engine.sampling import processed_probs, sample_from, sample_tokens
 from aurora_rl.engine.sequence import Sequence, Status
 from aurora_rl.engine.spec_math import Verdict, greedy_verify_batch, rejection_verify
@@ -46,10 +47,20 @@ class SpecConfig:
     """Record traces (features, proposals, acceptances) for the learner."""
     trace_dtype: str = "bfloat16"
     """Dtype of stored features in traces."""
+    context_copy: bool = False
+    """Propose by copying from the request's own context where its last tokens occurred before
+    (``aurora_rl.engine.context_copy``); the draft proposes where they did not."""
+    copy_min_match: int = 2
+    """Shortest suffix that may be matched for a copy."""
+    copy_max_match: int = 4
+    """Longest suffix tried first."""
 
     def __post_init__(self) -> None:
         if self.lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
+        if not 1 <= self.copy_min_match <= self.copy_max_match:
+            raise ValueError(f"need 1 <= copy_min_match <= copy_max_match, got copy_min_match={self.copy_min_match}, "
+                             f"copy_max_match={self.copy_max_match}")
         if self.trace_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"trace_dtype={self.trace_dtype!r}; choose bfloat16, float16 or float32")
 
@@ -94,6 +105,11 @@ class SpecDecoder:
         """Proposals made at depth j (index j-1), over the decoder's life."""
         self.depth_accepted: list[int] = []
         """Proposals accepted at depth j (index j-1)."""
+        self._copy: dict[int, ContextIndex] = {}
+        self.copy_steps = 0
+        """Row-steps whose proposals were copied from the context rather than drafted."""
+        self.copy_proposed = 0
+        self.copy_accepted = 0
 
     # ---- hot swap -------------------------------------------------------------------------------
     def load_draft_state(self, state: dict[str, torch.Tensor], version: int) -> None:
@@ -121,19 +137,24 @@ class SpecDecoder:
     def decode(self, engine, seqs: list[Sequence]) -> None:
         t0 = time.perf_counter()
         ks = self._lookaheads(engine, seqs)
-        self._catch_up([s for s, k in zip(seqs, ks) if k > 0 and s.slot in self._pending])
-        props, logps, qs = self._propose(seqs, ks)
+        copies = self._copies(seqs, ks)
+        drafted = [k if not c else 0 for k, c in zip(ks, copies)]
+        self._catch_up([s for s, k in zip(seqs, drafted) if k > 0 and s.slot in self._pending])
+        props, logps, qs = self._propose(seqs, drafted)
+        for b, c in enumerate(copies):
+            if c:  # a deterministic proposal: behaviour log-prob 0, q one-hot (see _verify)
+                props[b], logps[b], ks[b] = c, [0.0] * len(c), len(c)
         starts = [int(engine.runner.lengths[s.slot]) for s in seqs]
         out = engine.runner.extend([s.slot for s in seqs], [[s.last_token] + p for s, p in zip(seqs, props)],
                                    with_taps=True)
-        verdicts = self._verify(seqs, ks, props, qs, out.logits)
+        verdicts = self._verify(seqs, ks, props, qs, out.logits, copies)
         new_tokens, kept_taps = [], []
         for b, (seq, v) in enumerate(zip(seqs, verdicts)):
             engine.runner.truncate(seq.slot, starts[b] + 1 + v.accepted)
             new_tokens.append(props[b][: v.accepted] + [v.next_token])
             kept_taps.append(out.taps[b, : v.accepted + 1])
-        fed = [b for b, k in enumerate(ks) if k > 0]
-        for b in (b for b, k in enumerate(ks) if k == 0):
+        fed = [b for b, k in enumerate(drafted) if k > 0]
+        for b in (b for b, k in enumerate(drafted) if k == 0):  # no draft pass this step: queue for the next
             self._defer(seqs[b].slot, starts[b], new_tokens[b], kept_taps[b])
         if fed:
             self._draft_extend([seqs[b] for b in fed], [new_tokens[b] for b in fed], [kept_taps[b] for b in fed],
@@ -144,15 +165,34 @@ class SpecDecoder:
             seq.verify_steps += 1
             seq.draft_tokens += ks[b]
             seq.accepted_tokens += v.accepted
+            if copies[b]:
+                self.copy_steps += 1
+                self.copy_proposed += ks[b]
+                self.copy_accepted += v.accepted
             rec = self._recorders.get(seq.request_id)
             if rec is not None:
                 rec.add_positions(out.taps[b, : v.accepted + 1], out.hidden[b, : v.accepted + 1])
-                rec.add_step(starts[b] - 1, props[b], logps[b], v.accepted, self.policy_version, dt)
+                rec.add_step(starts[b] - 1, props[b], logps[b], v.accepted, self.policy_version, dt,
+                             copied=bool(copies[b]))
             engine.append_tokens(seq, new_tokens[b])
+
+    def _copies(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        """Per row, the proposals copied from its context ([] where the draft proposes, or k = 0)."""
+        if not self.config.context_copy:
+            return [[] for _ in seqs]
+        cfg, out = self.config, []
+        for seq, k in zip(seqs, ks):
+            index = self._copy.get(seq.slot)
+            if index is None:
+                index = self._copy[seq.slot] = ContextIndex(cfg.copy_min_match, cfg.copy_max_match)
+            index.sync(seq.prompt_ids, seq.output_ids)
+            out.append(index.propose(k))
+        return out
 
     def release(self, engine, seq: Sequence) -> None:
         self._state.pop(seq.slot, None)
         self._pending.pop(seq.slot, None)
+        self._copy.pop(seq.slot, None)
         self.cache.lengths[seq.slot] = 0
         rec = self._recorders.pop(seq.request_id, None)
         if rec is not None and self.trace_sink is not None:
@@ -239,10 +279,13 @@ class SpecDecoder:
                 logits[b], hidden[b] = out.logits[i, 0], out.hidden[i, 0]
         return props, logps, qs
 
-    def _verify(self, seqs, ks, props, qs, target_logits: torch.Tensor) -> list[Verdict]:
+    def _verify(self, seqs, ks, props, qs, target_logits: torch.Tensor,
+                copies: list[list[int]] | None = None) -> list[Verdict]:
         def draft_q(b: int, vocab: int) -> torch.Tensor:
             q = torch.zeros(ks[b], vocab)
-            if ks[b]:
+            if copies and copies[b]:  # copied tokens were proposed with certainty
+                q[torch.arange(ks[b]), torch.tensor(props[b])] = 1.0
+            elif ks[b]:
                 q[:, self.draft.draft_to_target] = torch.stack(qs[b])
             return q
 

@@ -49,6 +49,14 @@ class Trace:
     status: TraceStatus = TraceStatus.FINISHED
     finish_reason: str | None = None
     greedy: bool = True
+    copied: torch.Tensor | None = None
+    """[S] bool: the step's proposals were copied from the context (``engine.context_copy``), not drawn
+    from the draft; their behaviour log-probs are 0 and the learner's proposal terms skip them. None
+    (traces from before the field, or from an engine without copies) means all False."""
+
+    def __post_init__(self) -> None:
+        if self.copied is None:
+            self.copied = torch.zeros(self.accepted.shape[0], dtype=torch.bool)
 
     @property
     def verify_steps(self) -> int:
@@ -89,8 +97,8 @@ class TraceRecorder:
         self.hidden.append(hidden.to(self.dtype))
 
     def add_step(self, position: int, proposals: list[int], logp: list[float], accepted: int, version: int,
-                 seconds: float) -> None:
-        self.steps.append((position, proposals, logp, accepted, version, seconds))
+                 seconds: float, copied: bool = False) -> None:
+        self.steps.append((position, proposals, logp, accepted, version, seconds, copied))
 
     def finish(self, request_id: str, prompt_ids: list[int], output_ids: list[int], status: TraceStatus,
                finish_reason: str | None, greedy: bool) -> Trace:
@@ -110,6 +118,6 @@ class TraceRecorder:
             output_ids=torch.tensor(output_ids, dtype=torch.long), taps=taps, hidden=hidden,
             step_position=col(0, torch.long), proposals=proposals, behaviour_logp=logp,
             accepted=col(3, torch.long), lookahead=torch.tensor([len(s[1]) for s in self.steps], dtype=torch.long),
-            policy_version=col(4, torch.long), step_time_s=col(5, torch.float32),
+            policy_version=col(4, torch.long), step_time_s=col(5, torch.float32), copied=col(6, torch.bool),
             status=status, finish_reason=finish_reason, greedy=greedy,
         )

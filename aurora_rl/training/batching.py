@@ -141,7 +141,7 @@ def _proposals(traces, draft, bases, S: int, K: int) -> dict:
         if t.verify_steps == 0:
             continue
         P = len(t.prompt_ids)
-        keep = (t.lookahead > 0) & (t.step_position - (P - 1) < S)
+        keep = (t.lookahead > 0) & ~t.copied & (t.step_position - (P - 1) < S)  # copies: no draft proposals
         if not keep.any():
             continue
         steps = keep.nonzero().flatten()

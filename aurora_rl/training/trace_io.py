@@ -43,6 +43,8 @@ _FLOAT = ("taps", "hidden", "behaviour_logp", "step_time_s")
 TENSOR_FIELDS = ("prompt_ids", "output_ids", "taps", "hidden", "step_position", "proposals", "behaviour_logp",
                  "accepted", "lookahead", "policy_version", "step_time_s")
 _RANK = {"taps": 2, "hidden": 2, "proposals": 2, "behaviour_logp": 2}
+OPTIONAL_FIELDS = ("copied",)
+"""Step columns added after format 1 was first written: saved always, absent in older files (default)."""
 _STEP_COLUMNS = ("step_position", "accepted", "lookahead", "policy_version", "step_time_s")
 
 
@@ -57,7 +59,7 @@ def save_traces(traces: list[Trace], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for i, t in enumerate(traces):
-        for name in TENSOR_FIELDS:
+        for name in TENSOR_FIELDS + OPTIONAL_FIELDS:
             # clone: views into a bigger storage (or storage shared between fields) are refused by safetensors.
             tensors[f"{i}.{name}"] = getattr(t, name).detach().cpu().contiguous().clone()
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "num_traces": str(len(traces)),
@@ -139,6 +141,9 @@ def _read_trace(path: Path, i: int, info, handle, keys: set[str]) -> Trace:
         if f"{i}.{name}" not in keys:
             raise ValueError(f"{where}: missing field {name!r}")
         fields[name] = handle.get_tensor(f"{i}.{name}")
+    for name in OPTIONAL_FIELDS:
+        if f"{i}.{name}" in keys:
+            fields[name] = handle.get_tensor(f"{i}.{name}")
     check_trace_fields(fields, where)
     return Trace(request_id=info["request_id"], status=TraceStatus(info["status"]),
                  finish_reason=info["finish_reason"], greedy=info["greedy"], **fields)
@@ -170,6 +175,10 @@ def check_trace_fields(f: dict[str, torch.Tensor], where: str) -> None:
         raise ValueError(f"{where}: field 'lookahead' outside [0, {f['proposals'].shape[1]}]")
     if steps and bool((f["accepted"] > f["lookahead"]).any() | (f["accepted"] < 0).any()):
         raise ValueError(f"{where}: field 'accepted' outside [0, lookahead]")
+    copied = f.get("copied")
+    if copied is not None and (copied.dtype != torch.bool or copied.shape != (steps,)):
+        raise ValueError(f"{where}: field 'copied' has dtype {copied.dtype} and shape {tuple(copied.shape)}, "
+                         f"expected torch.bool and ({steps},)")
 
 
 def _check_widths(path: Path, traces: list[Trace]) -> None:
