@@ -183,8 +183,8 @@ def _seqs(n, pinned):
     return [Sequence([1, 2], SamplingParams(lookahead=pinned if i == n - 1 else None)) for i in range(n)]
 
 
-def _plain(model, ps, sp, slots=3):
-    return [o.output_ids for o in LLMEngine(model, EngineConfig(num_slots=slots, max_len=64)).generate(ps, sp)]
+def _plain(model, ps, sp, slots=3, max_len=64):
+    return [o.output_ids for o in LLMEngine(model, EngineConfig(num_slots=slots, max_len=max_len)).generate(ps, sp)]
 
 
 @pytest.mark.unit
@@ -260,3 +260,36 @@ def test_noise_never_makes_a_larger_lookahead_cheaper():
     assert costs == sorted(costs) and costs[1] == pytest.approx(1.0)
     # alpha 0.5 (E[1] = 1.5): k = 1 pays at equal cost, but only because it is really no dearer
     assert ctrl.choose(4) >= 1
+
+
+@pytest.mark.unit
+def test_copying_rows_get_their_own_lookahead():
+    """Copies accepted to depth 2 always and to depth 4 half the time, draft proposals never: rows that can copy speculate deep, the
+    others not at all, in the same step; copy evidence survives a draft swap."""
+    from types import SimpleNamespace
+
+    ctrl = AdaptiveLookahead(4, AdaptiveConfig(epsilon=0.0, epsilon_min=0.0, probe_evidence=0))
+    for _ in range(50):
+        ctrl.observe(1, 0, 1.0, [0] * 4, [0] * 4)  # k = 0 steps: 1 s
+        ctrl.observe(1, 4, 1.5, [1, 1, 1, 1], [0, 0, 0, 0])  # drafted k = 4: rejected at once, 1.5 s
+        ctrl.observe(1, 4, 1.4, [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], copy_step=True)
+        ctrl.observe(1, 4, 1.4, [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0], copy_step=True)
+    assert ctrl.alphas()[0] < 0.05 and ctrl.copy_alphas()[0] > 0.9
+    seqs = [SimpleNamespace(params=SimpleNamespace(lookahead=None), slot=i) for i in range(3)]
+    assert ctrl(seqs, [True, False, True]) == [4, 0, 4]
+    assert ctrl(seqs) == [0, 0, 0]  # no copies on offer: the draft's k for all
+    ctrl.forget(0.99)
+    assert ctrl.copy_alphas()[0] > 0.9
+
+
+@pytest.mark.unit
+def test_adaptive_with_context_copy_stays_lossless():
+    model, _ = tiny_target()
+    ps = [p * 3 for p in prompts(4)]
+    sp = SamplingParams(max_tokens=24, ignore_eos=True)
+    dec = SpecDecoder(make_draft(model), 2, 96, SpecConfig(lookahead=3, capture_traces=False, context_copy=True))
+    ctrl = AdaptiveLookahead(3).attach(dec)
+    outs = LLMEngine(model, EngineConfig(num_slots=2, max_len=96), decoder=dec).generate(ps, sp)
+    assert [o.output_ids for o in outs] == _plain(model, ps, sp, slots=2, max_len=96)
+    assert dec.copy_steps > 0 and sum(ctrl._cproposed) > 0  # copies were chosen and measured apart
+    assert sum(dec.copy_depth_proposed) <= sum(dec.depth_proposed)

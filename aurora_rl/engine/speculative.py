@@ -54,10 +54,17 @@ class SpecConfig:
     """Shortest suffix that may be matched for a copy."""
     copy_max_match: int = 4
     """Longest suffix tried first."""
+    copy_max_tokens: int = 0
+    """Most tokens a copy may propose (0: ``lookahead``). A copy's k comes from the lookahead controller
+    (an adaptive one picks it apart from the draft's) or, without one, is ``lookahead``."""
 
     def __post_init__(self) -> None:
         if self.lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {self.lookahead}")
+        if self.copy_max_tokens < 0:
+            raise ValueError(f"copy_max_tokens must be >= 0, got {self.copy_max_tokens}")
+        if self.copy_max_tokens == 0:
+            self.copy_max_tokens = self.lookahead
         if not 1 <= self.copy_min_match <= self.copy_max_match:
             raise ValueError(f"need 1 <= copy_min_match <= copy_max_match, got copy_min_match={self.copy_min_match}, "
                              f"copy_max_match={self.copy_max_match}")
@@ -110,6 +117,9 @@ class SpecDecoder:
         """Row-steps whose proposals were copied from the context rather than drafted."""
         self.copy_proposed = 0
         self.copy_accepted = 0
+        self.copy_depth_proposed: list[int] = []
+        """Of ``depth_proposed``, the copied proposals (the draft's are the difference)."""
+        self.copy_depth_accepted: list[int] = []
 
     # ---- hot swap -------------------------------------------------------------------------------
     def load_draft_state(self, state: dict[str, torch.Tensor], version: int) -> None:
@@ -136,8 +146,9 @@ class SpecDecoder:
 
     def decode(self, engine, seqs: list[Sequence]) -> None:
         t0 = time.perf_counter()
-        ks = self._lookaheads(engine, seqs)
-        copies = self._copies(seqs, ks)
+        cands = self._copies(seqs)
+        ks = self._lookaheads(engine, seqs, [bool(c) for c in cands])
+        copies = [c[:k] for c, k in zip(cands, ks)]
         drafted = [k if not c else 0 for k, c in zip(ks, copies)]
         self._catch_up([s for s, k in zip(seqs, drafted) if k > 0 and s.slot in self._pending])
         props, logps, qs = self._propose(seqs, drafted)
@@ -160,7 +171,7 @@ class SpecDecoder:
             self._draft_extend([seqs[b] for b in fed], [new_tokens[b] for b in fed], [kept_taps[b] for b in fed],
                                [starts[b] for b in fed])
         dt = time.perf_counter() - t0
-        self._count_depths(ks, verdicts)
+        self._count_depths(ks, verdicts, copies)
         for b, (seq, v) in enumerate(zip(seqs, verdicts)):
             seq.verify_steps += 1
             seq.draft_tokens += ks[b]
@@ -176,17 +187,18 @@ class SpecDecoder:
                              copied=bool(copies[b]))
             engine.append_tokens(seq, new_tokens[b])
 
-    def _copies(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
-        """Per row, the proposals copied from its context ([] where the draft proposes, or k = 0)."""
+    def _copies(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Per row, the longest proposal chain its context offers (``copy_max_tokens`` at most; [] where
+        nothing matches or copies are off): the step uses its first k tokens, k chosen for copying rows."""
         if not self.config.context_copy:
             return [[] for _ in seqs]
         cfg, out = self.config, []
-        for seq, k in zip(seqs, ks):
+        for seq in seqs:
             index = self._copy.get(seq.slot)
             if index is None:
                 index = self._copy[seq.slot] = ContextIndex(cfg.copy_min_match, cfg.copy_max_match)
             index.sync(seq.prompt_ids, seq.output_ids)
-            out.append(index.propose(k))
+            out.append(index.propose(cfg.copy_max_tokens))
         return out
 
     def release(self, engine, seq: Sequence) -> None:
@@ -223,19 +235,28 @@ class SpecDecoder:
                            [q.start for q in queued])
         self.catch_up_s += time.perf_counter() - t0
 
-    def _count_depths(self, ks: list[int], verdicts: list[Verdict]) -> None:
+    def _count_depths(self, ks: list[int], verdicts: list[Verdict], copies: list[list[int]]) -> None:
         grow = max(ks, default=0) - len(self.depth_proposed)
         if grow > 0:
-            self.depth_proposed += [0] * grow
-            self.depth_accepted += [0] * grow
-        for k, v in zip(ks, verdicts):
+            for counts in (self.depth_proposed, self.depth_accepted, self.copy_depth_proposed,
+                           self.copy_depth_accepted):
+                counts += [0] * grow
+        for k, v, c in zip(ks, verdicts, copies):
             for j in range(k):
                 self.depth_proposed[j] += 1
                 self.depth_accepted[j] += j < v.accepted
+                if c:
+                    self.copy_depth_proposed[j] += 1
+                    self.copy_depth_accepted[j] += j < v.accepted
 
-    def _lookaheads(self, engine, seqs: list[Sequence]) -> list[int]:
-        wanted = self.lookahead_fn(seqs) if self.lookahead_fn else [
-            self.config.lookahead if s.params.lookahead is None else s.params.lookahead for s in seqs]
+    def _lookaheads(self, engine, seqs: list[Sequence], copyable: list[bool]) -> list[int]:
+        fn = self.lookahead_fn
+        if fn is None:
+            wanted = [self.config.lookahead if s.params.lookahead is None else s.params.lookahead for s in seqs]
+        elif getattr(fn, "splits_copies", False):  # a controller that picks k apart for rows that copy
+            wanted = fn(seqs, copyable)
+        else:
+            wanted = fn(seqs)
         # Never draft past max_tokens or the context: those proposals could not be kept.
         return [max(0, min(k, seq.room(engine.config.max_len))) for seq, k in zip(seqs, wanted)]
 
