@@ -300,13 +300,19 @@ class AdaptiveLookahead:
             ks[min(drafting, key=lambda i: seqs[i].slot)] = 1
             self.probes += 1
         # The cost cell this step feeds: its k when all rows share it; 0 for a probe (one verified token
-        # more than a k = 0 step: a B > 1 probe is priced as k = 0, a B = 1 probe is a k = 1 step);
-        # none when requests pinned other lookaheads or copying and drafting rows chose different ks.
-        self._cost_copy = bool(free) and not drafting and len(free) == len(seqs)
+        # more than a k = 0 step: a B > 1 probe is priced as k = 0, a B = 1 probe is a k = 1 step); the
+        # deepest k when copying and drafting rows differ (the verify pass pads every row to it), in the
+        # copy cells when no row ran the draft; none when requests pinned other lookaheads.
+        drafts = any(ks[i] > 0 for i in drafting)
+        self._cost_copy = not drafts
         if len(set(ks)) == 1:
             self._cost_k = ks[0]
+        elif len(free) < len(seqs):
+            self._cost_k = None
+        elif probe and not any(copyable):
+            self._cost_k = 0
         else:
-            self._cost_k = 0 if probe and len(drafting) == len(seqs) else None
+            self._cost_k = max(ks)
         return ks
 
     def observe(self, batch: int, k: int | None, seconds: float, proposed: list[int], accepted: list[int],
@@ -371,7 +377,7 @@ class AdaptiveLookahead:
             cost_k, self._cost_k = self._cost_k, -1
             if cost_k == -1 or (cost_k is not None and cost_k > deepest):
                 cost_k = deepest  # not chosen here, or the room left cut the proposals short
-            copy_step, self._cost_copy = self._cost_copy and sum(dcp) == sum(dp), False
+            copy_step, self._cost_copy = self._cost_copy and sum(dcp) == sum(dp), False  # no drafted proposal
             self.observe(len(seqs), cost_k, max(seconds, 1e-9), dp, da, dcp, dca, copy_step)
 
         decoder.decode = decode
