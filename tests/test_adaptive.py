@@ -105,7 +105,7 @@ def test_config_and_bounds_errors():
 def test_exploration_stays_in_range_and_visits_neighbours():
     assert {AdaptiveLookahead(5, AdaptiveConfig(epsilon=1.0, epsilon_min=1.0)).choose(1)
             for _ in range(20)} == {1}  # the default prior starts at k* = 0, so exploring means k = 1
-    optimistic = AdaptiveConfig(prior_acceptance=0.6, epsilon=1.0, epsilon_min=1.0)
+    optimistic = AdaptiveConfig(prior_acceptance=0.6, epsilon=1.0, epsilon_min=1.0, min_gain=0.02)
     ctrl = AdaptiveLookahead(5, optimistic)
     # this prior's best is k = 3 (tokens/s 2.18 / 1.3); always exploring means 2 or 4, never 3 or beyond 0..5
     assert best_lookahead(ctrl.alphas(), ctrl.costs(1)) == 3

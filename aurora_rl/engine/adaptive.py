@@ -144,6 +144,10 @@ class AdaptiveConfig:
     """Pseudo-proposals behind the prior at each depth."""
     prior_slope: float = 0.1
     """Assumed extra step time per lookahead token, as a fraction of the k = 0 step, before it is measured."""
+    cpu_prior_slope: float = 0.3
+    """``prior_slope`` of a controller attached to a decoder on CPU, where a verify pass is bound by
+    compute once it has a few rows (measured on an AVX2 EPYC, SmolLM2 in float32: a 2-token step costs
+    1.3-1.4 one-token steps at batch 1; 8 rows cost 1.7x 4 rows)."""
     max_prior_slope: float = 1.0
     """Cap of the batch-scaled prior slope (1.0: a lookahead token costs at most one more step)."""
     horizon: int = 200
@@ -158,7 +162,7 @@ class AdaptiveConfig:
     """Exploration floor (never decays below): keeps acceptance at k* + 1 measured."""
     epsilon_decay_steps: int = 100
     """Steps over which exploration halves: eps = max(eps_min, eps0 * d / (d + steps))."""
-    min_gain: float = 0.02
+    min_gain: float = 0.05
     """Relative throughput gain a larger k must promise over a smaller one to be chosen."""
     probe_evidence: float = 8.0
     """Depth-1 proposals to gather by single-row probes while k* = 0 (0 = no probes)."""
@@ -173,7 +177,8 @@ class AdaptiveConfig:
         for name in ("prior_acceptance", "copy_prior_acceptance", "epsilon", "epsilon_min"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        for name in ("prior_weight", "prior_slope", "max_prior_slope", "min_gain", "probe_evidence"):
+        for name in ("prior_weight", "prior_slope", "cpu_prior_slope", "max_prior_slope", "min_gain",
+                     "probe_evidence"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.max_evidence <= 0:
@@ -214,6 +219,8 @@ class AdaptiveLookahead:
         """The same for steps whose proposals were all copied (no draft pass)."""
         self._cost_copy = False
         self.last_copy_k = 0
+        self.prior_slope = self.config.prior_slope
+        """The cost prior in use: ``cpu_prior_slope`` once attached to a decoder on CPU."""
 
     # ---- the model ------------------------------------------------------------------------------
     def alphas(self) -> list[float]:
@@ -231,7 +238,7 @@ class AdaptiveLookahead:
         if copy:
             cells = {**({0: cells[0]} if 0 in cells else {}), **_nearest_cells(self._ccost, batch)}
         cfg = self.config
-        costs = predict_costs(cells, self.max_lookahead, min(cfg.prior_slope * batch, cfg.max_prior_slope))
+        costs = predict_costs(cells, self.max_lookahead, min(self.prior_slope * batch, cfg.max_prior_slope))
         # Proposing more never makes a step cheaper: a k measured below a smaller one is timing noise.
         for k in range(1, len(costs)):
             costs[k] = max(costs[k], costs[k - 1])
@@ -299,6 +306,11 @@ class AdaptiveLookahead:
         if probe:
             ks[min(drafting, key=lambda i: seqs[i].slot)] = 1
             self.probes += 1
+        copying = [i for i in free if copyable[i]]
+        if kc == 0 and copying and self.max_lookahead > 0 and self._cproposed[0] < self.config.probe_evidence:
+            ks[min(copying, key=lambda i: seqs[i].slot)] = 1  # copies need measuring too
+            self.probes += 1
+            probe = True
         # The cost cell this step feeds: its k when all rows share it; 0 for a probe (one verified token
         # more than a k = 0 step: a B > 1 probe is priced as k = 0, a B = 1 probe is a k = 1 step); the
         # deepest k when copying and drafting rows differ (the verify pass pads every row to it), in the
@@ -309,7 +321,7 @@ class AdaptiveLookahead:
             self._cost_k = ks[0]
         elif len(free) < len(seqs):
             self._cost_k = None
-        elif probe and not any(copyable):
+        elif probe and max(ks) == 1 and len(seqs) > 1:
             self._cost_k = 0
         else:
             self._cost_k = max(ks)
@@ -353,6 +365,8 @@ class AdaptiveLookahead:
         if "decode" in vars(decoder):
             raise ValueError("decoder already has a wrapped decode (attached twice?)")
         inner = decoder.decode
+        if next(decoder.draft.parameters()).device.type == "cpu":
+            self.prior_slope = self.config.cpu_prior_slope
 
         self._version = getattr(decoder, "policy_version", None)
 
