@@ -122,3 +122,19 @@ def test_target_decode_same_with_and_without_kernels(family, dtype, monkeypatch)
             lin._native_key = None  # forget packed weights so the fallback is taken
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
     torch.testing.assert_close(native, decode(), **tol)
+
+
+@pytest.mark.unit
+def test_row_limit_and_use_follow_the_cpu(monkeypatch):
+    """AVX-512: the gemv takes every verify pass (128 rows); AVX2 + FMA: up to 8 rows, PyTorch beyond;
+    neither: off unless forced."""
+    cases = [((True, True), True, cpu_kernels.AVX512_MAX_ROWS), ((False, True), True, cpu_kernels.AVX2_MAX_ROWS),
+             ((False, False), False, cpu_kernels.AVX512_MAX_ROWS)]
+    for (avx512, avx2), used, rows in cases:
+        monkeypatch.setattr(cpu_kernels, "_has_avx512", lambda v=avx512: v)
+        monkeypatch.setattr(cpu_kernels, "_has_avx2_fma", lambda v=avx2: v)
+        assert cpu_kernels.max_rows.__wrapped__() == rows
+        monkeypatch.delenv("AURORA_RL_NATIVE_KERNELS")
+        assert cpu_kernels.available() is used
+        monkeypatch.setenv("AURORA_RL_NATIVE_KERNELS", "1")
+        assert cpu_kernels.available()

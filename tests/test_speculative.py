@@ -211,10 +211,15 @@ def test_sampled_speculation_has_the_target_distribution():
     params2 = [SamplingParams(max_tokens=3, temperature=1.0, seed=10_000 + s, ignore_eos=True) for s in range(n)]
     spec = spec_engine(model, make_draft(model, vocab=128), 2, slots=16, max_len=32).generate([p] * n, params2)
     assert sum(o.accepted_tokens for o in spec) > 0.2 * n  # rejection sampling really exercised both branches
-    buckets = 8
+    assert_same_token_law(plain, spec)
+
+
+def assert_same_token_law(plain, spec, positions=(1, 2), buckets: int = 8) -> None:
+    """Chi-square two-sample test (p = 0.001) that outputs at ``positions`` follow one law, ids bucketed mod 8."""
     def hist(outs, i):
         return torch.bincount(torch.tensor([o.output_ids[i] % buckets for o in outs]), minlength=buckets).float()
-    for i in (1, 2):
+
+    for i in positions:
         a, b = hist(plain, i), hist(spec, i)
         expected = (a + b) / 2
         chi2 = (((a - expected) ** 2 + (b - expected) ** 2) / expected.clamp_min(1)).sum().item()
