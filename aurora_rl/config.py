@@ -50,9 +50,10 @@ class EngineSection:
     """Choose the lookahead per step in 0..``lookahead`` from measured acceptance and step costs (the
     serving default: never slower than no speculation). Off = every step speculates ``lookahead``
     tokens, which experiments that measure acceptance at a fixed lookahead want."""
-    context_copy: bool = False
-    """Native engine: propose by copying from the request's own context where its last 2-4 tokens
-    occurred before (prompt lookup), the draft elsewhere. Copies need no draft pass; the learner
+    context_copy: bool | None = None
+    """Propose by copying from the request's own context where its last 2-4 tokens occurred before
+    (prompt lookup), the draft elsewhere. None (default): on with the native engine, off with SGLang,
+    which does not support it (true there is an error). Copies need no draft pass; the learner
     trains the draft on every position still, but its proposal terms only on drafted steps."""
     capture_traces: bool = True
     """Record traces for the learner (off = serve only)."""
@@ -253,7 +254,7 @@ def _validate_sglang(cfg: RunConfig) -> None:
                          "is a server argument, fixed at launch")
     if engine.context_copy:
         raise ValueError("engine.context_copy=true is not supported with engine.kind=sglang: SGLang's server "
-                         "proposes with the EAGLE3 draft only")
+                         "proposes with the EAGLE3 draft only (set engine.context_copy=false)")
     options = check_engine_section(engine)
     if options.worker.url is not None:
         return

@@ -58,7 +58,8 @@ class RolloutWorker:
         draft.to_dtype(target.dtype)
         self.decoder = SpecDecoder(draft, engine.num_slots, engine.max_len,
                                    SpecConfig(lookahead=engine.lookahead, capture_traces=engine.capture_traces,
-                                              trace_dtype=engine.trace_dtype, context_copy=engine.context_copy),
+                                              trace_dtype=engine.trace_dtype,
+                                              context_copy=engine.context_copy is not False),
                                    trace_sink=self._on_trace, policy_version=version)
         if engine.adaptive_lookahead:
             from aurora_rl.engine.adaptive import AdaptiveLookahead
