@@ -265,8 +265,7 @@ def test_noise_never_makes_a_larger_lookahead_cheaper():
 @pytest.mark.unit
 def test_copying_rows_get_their_own_lookahead():
     """Copies accepted to depth 2 always and to depth 4 half the time, draft proposals never: rows that
-    can copy speculate deep, the
-    others not at all, in the same step; copy evidence survives a draft swap."""
+    can copy speculate deep, the others not at all, in the same step; copy evidence survives a draft swap."""
     from types import SimpleNamespace
 
     ctrl = AdaptiveLookahead(4, AdaptiveConfig(epsilon=0.0, epsilon_min=0.0, probe_evidence=0))
