@@ -207,7 +207,10 @@ def test_client_disconnect_mid_stream_frees_the_slot(served):
         with httpx.stream("POST", handle.url + "/v1/completions", json=body, timeout=60,
                           headers={"Authorization": f"Bearer {KEY}"}) as r:
             assert r.status_code == 200
-            first = next(line for line in r.iter_lines() if line.startswith("data:"))
+            # Keep the line iterator referenced: a discarded one is closed at once by the garbage collector,
+            # which closes the connection, and the server would abort the request before we look.
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
             state = {"in_flight": loop.in_flight(), "steps": loop.steps, "errors": loop.errors,
                      "hook_errors": loop.hook_errors, "held": loop.before_step is not None}
             assert '"text_completion"' in first and state["in_flight"] == 1, state
