@@ -52,7 +52,7 @@ def test_linear_native_path_matches_f_linear_and_follows_weight_updates(dtype):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hd", [16, 64])
+@pytest.mark.parametrize("hd", [16, 64, 80])
 def test_attention_over_slot_cache_is_causal_per_row(dtype, hd):
     g = torch.Generator().manual_seed(hd)
     B, T, nh, nkv, S = 3, 4, 6, 2, 40
