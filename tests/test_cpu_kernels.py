@@ -138,3 +138,35 @@ def test_row_limit_and_use_follow_the_cpu(monkeypatch):
         assert cpu_kernels.available() is used
         monkeypatch.setenv("AURORA_RL_NATIVE_KERNELS", "1")
         assert cpu_kernels.available()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_of_different_lengths_run_packed_as_if_padded(dtype, monkeypatch):
+    """A verify pass whose rows propose different numbers of tokens runs one token per row (no padding);
+    outputs at real positions and the cache it leaves must match the padded pass."""
+    from aurora_rl.engine.runner import ModelRunner
+
+    model, _ = tiny_target("llama", dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (9, 4, 13)]
+    chunks = [[5, 6, 7, 8, 9], [10], [11, 12]]
+    assert model.runs_ragged(model.new_cache(1, 8), 5) and not model.runs_ragged(model.new_cache(1, 8), 9)
+    runs = {}
+    for packed in (True, False):
+        monkeypatch.setattr(model, "runs_ragged", lambda cache, t, packed=packed: packed)
+        runner = ModelRunner(model, num_slots=4, max_len=64)
+        for slot, p in zip((2, 0, 3), prompts):
+            runner.extend([slot], [p])
+        out = runner.extend([2, 0, 3], chunks, with_taps=True)
+        runs[packed] = (out, runner.extend([2, 0, 3], [[20], [21], [22]], last_only=True).logits,
+                        runner.lengths.tolist())
+    (ro, rnext, rlen), (po, pnext, plen) = runs[True], runs[False]
+    assert ro.logits.shape == po.logits.shape and ro.taps.shape == po.taps.shape
+    for b, c in enumerate(chunks):
+        n = len(c)
+        close(ro.logits[b, :n], po.logits[b, :n], dtype)
+        close(ro.hidden[b, :n], po.hidden[b, :n], dtype)
+        close(ro.taps[b, :n], po.taps[b, :n], dtype)
+    close(rnext, pnext, dtype)  # the next step reads the caches each pass left
+    assert rlen == plen == [len(prompts[1]) + 2, 0, len(prompts[0]) + 6, len(prompts[2]) + 3]

@@ -24,7 +24,8 @@ class ModelRunner:
 
     def extend(self, slots: list[int], tokens: list[list[int]], last_only: bool = False,
                with_taps: bool = False) -> TargetOutput:
-        """Append ``tokens[b]`` to slot ``slots[b]``; rows may differ in length (right padded).
+        """Append ``tokens[b]`` to slot ``slots[b]``; rows may differ in length (packed without padding
+        where the model can, else right padded).
 
         With ``last_only`` the logits are those of each row's last real token, shape [B, V].
         """
@@ -34,6 +35,19 @@ class ModelRunner:
         starts = [lengths[s] for s in slots]
         if max(s + c for s, c in zip(starts, counts)) > self.max_len:
             raise ValueError(f"extending slots {slots} by {counts} tokens exceeds max_len={self.max_len}")
+        if min(counts) < T and self.model.runs_ragged(self.cache, T):
+            out = self._extend_ragged(slots, tokens, starts, last_only, with_taps)
+        else:
+            out = self._extend_padded(slots, tokens, starts, last_only, with_taps)
+        self.cache.lengths[torch.tensor(slots, dtype=torch.long)] = torch.tensor(
+            [s + c for s, c in zip(starts, counts)])
+        return out
+
+    def _extend_padded(self, slots: list[int], tokens: list[list[int]], starts: list[int], last_only: bool,
+                       with_taps: bool) -> TargetOutput:
+        """Rows right padded to the longest: every row costs as much as the longest one."""
+        counts = [len(t) for t in tokens]
+        T = max(counts)
         ids = torch.tensor([t + [t[-1]] * (T - len(t)) for t in tokens], dtype=torch.long)
         # Padding may run past max_len for a row near the end of its context. Clamped, it lands past the
         # row's length (never attended) or on its own last position with the same token (same values).
@@ -41,9 +55,29 @@ class ModelRunner:
         positions = torch.tensor([[min(s + i, last) for i in range(T)] for s in starts], dtype=torch.long)
         logit_index = torch.tensor([c - 1 for c in counts]) if last_only else None
         slot_ids = torch.tensor(slots, dtype=torch.long)
-        out = self.model(ids, positions, self.cache, slot_ids, logit_index=logit_index, with_taps=with_taps)
-        self.cache.lengths[slot_ids] = torch.tensor([s + c for s, c in zip(starts, counts)])
-        return out
+        return self.model(ids, positions, self.cache, slot_ids, logit_index=logit_index, with_taps=with_taps)
+
+    def _extend_ragged(self, slots: list[int], tokens: list[list[int]], starts: list[int], last_only: bool,
+                       with_taps: bool) -> TargetOutput:
+        """Rows of different lengths without padding: each token is a row of its own (its slot, its
+        position), so a verify pass where one request proposes 4 tokens and three propose none runs 8
+        tokens, not 20. Outputs come back in the padded [B, T] layout (a padded position repeats its
+        row's last real token, as ``_extend_padded`` computes it)."""
+        counts = [len(t) for t in tokens]
+        T = max(counts)
+        flat = torch.tensor([tok for t in tokens for tok in t], dtype=torch.long).view(-1, 1)
+        positions = torch.tensor([s + i for s, c in zip(starts, counts) for i in range(c)], dtype=torch.long)
+        token_slots = torch.tensor([s for s, c in zip(slots, counts) for _ in range(c)], dtype=torch.long)
+        out = self.model(flat, positions.view(-1, 1), self.cache, token_slots, with_taps=with_taps)
+        offsets = [0]
+        for c in counts[:-1]:
+            offsets.append(offsets[-1] + c)
+        if last_only:
+            last = torch.tensor([o + c - 1 for o, c in zip(offsets, counts)])
+            return TargetOutput(out.logits[last, 0], out.hidden[last], out.taps[last] if with_taps else None)
+        index = torch.tensor([[o + min(i, c - 1) for i in range(T)] for o, c in zip(offsets, counts)])
+        return TargetOutput(out.logits[index, 0], out.hidden[index, 0],
+                            out.taps[index, 0] if with_taps else None)
 
     def truncate(self, slot: int, length: int) -> None:
         assert 0 <= length <= int(self.cache.lengths[slot])

@@ -183,6 +183,15 @@ class TargetModel(nn.Module):
             (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size), c.rms_norm_eps)
         return resid, mlp_out
 
+    def runs_ragged(self, cache: SlotKVCache, tokens_per_row: int) -> bool:
+        """Whether rows of up to ``tokens_per_row`` tokens may run as one token per row, a slot repeated
+        over its rows (``ModelRunner`` packs rows of different lengths that way): the native path writes
+        every row's key and value before any row attends, so a row sees its own request's earlier tokens
+        of the same pass. Only for short rows (decode, verify): a prefill keeps SDPA's causal path."""
+        k = cache.k[0]
+        return (tokens_per_row <= NATIVE_ATTENTION_MAX_TOKENS and k.dtype == self.dtype
+                and cpu_kernels.attention_supported(k))
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: SlotKVCache,
                 slots: torch.Tensor, logit_index: torch.Tensor | None = None,
