@@ -46,6 +46,8 @@ def test_waves_are_served_abba_and_speedups_are_paired():
     a.wave_means, b.wave_means = [10.0, 10.0, 20.0], [5.0, 12.0, 30.0]
     median, ratios = paired_speedup(b, a)
     assert ratios == [0.5, 1.2, 1.5] and median == 1.2
+    a.wave_decode_means, b.wave_decode_means = [10.0, 10.0, 10.0], [20.0, 30.0, 40.0]
+    assert paired_speedup(b, a, decode=True) == (3.0, [2.0, 3.0, 4.0])
 
 
 @pytest.mark.smoke
@@ -63,6 +65,7 @@ def test_bench_spec_quick(tmp_path, smollm2_dir):
     assert [(row["batch"], row["lookahead"]) for row in data["table"]] == [
         (1, None), (1, "control"), (1, 4), (1, "adaptive"), (4, None), (4, "control"), (4, 4), (4, "adaptive")]
     assert all(row["mean"] > 0 and row["p5"] <= row["p50"] <= row["p95"] for row in data["table"])
+    assert all(row["decode_mean"] > row["mean"] and row["decode_speedup"] > 0 for row in data["table"])
     fixed = [row for row in data["table"] if row["lookahead"] == 4]
     assert all(3.0 <= row["mean_lookahead"] <= 4.0 for row in fixed)  # capped only near max_tokens
     adaptive = [row for row in data["table"] if row["lookahead"] == "adaptive"]

@@ -43,7 +43,7 @@ def test_greedy_matches_transformers_with_continuous_batching(family):
     for p, o in zip(ps, outs):
         assert o.output_ids == hf_greedy(hf, p, 12)
         assert o.num_output_tokens == 12 and o.finish_reason == "length" and o.verify_steps == 11
-        assert o.tokens_per_s > 0 and o.latency_s > 0
+        assert o.tokens_per_s > 0 and o.latency_s > 0 and o.decode_tokens_per_s > 0
 
 
 @pytest.mark.unit

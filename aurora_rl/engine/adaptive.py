@@ -311,20 +311,19 @@ class AdaptiveLookahead:
             ks[min(copying, key=lambda i: seqs[i].slot)] = 1  # copies need measuring too
             self.probes += 1
             probe = True
-        # The cost cell this step feeds: its k when all rows share it; 0 for a probe (one verified token
-        # more than a k = 0 step: a B > 1 probe is priced as k = 0, a B = 1 probe is a k = 1 step); the
-        # deepest k when copying and drafting rows differ (the verify pass pads every row to it), in the
-        # copy cells when no row ran the draft; none when requests pinned other lookaheads.
+        # The cost cell this step feeds: its k when all rows share it; when rows differ (a probe, copying
+        # and drafting rows), the k whose uniform step verifies as many tokens as this one did (the
+        # runner packs rows of different lengths, or pads them to the longest: see ``observe``'s caller),
+        # so a B > 1 probe is priced as k = 0 and a B = 1 probe as k = 1; in the copy cells when no row
+        # ran the draft; none when requests pinned other lookaheads.
         drafts = any(ks[i] > 0 for i in drafting)
         self._cost_copy = not drafts
         if len(set(ks)) == 1:
             self._cost_k = ks[0]
         elif len(free) < len(seqs):
             self._cost_k = None
-        elif probe and max(ks) == 1 and len(seqs) > 1:
-            self._cost_k = 0
         else:
-            self._cost_k = max(ks)
+            self._cost_k = _MIXED
         return ks
 
     def observe(self, batch: int, k: int | None, seconds: float, proposed: list[int], accepted: list[int],
@@ -389,6 +388,9 @@ class AdaptiveLookahead:
             # A proposal at depth j implies one at every shallower depth: k is the deepest proposed.
             deepest = sum(1 for x in dp if x > 0)
             cost_k, self._cost_k = self._cost_k, -1
+            if cost_k == _MIXED:  # priced by the tokens the verify pass ran, per row
+                rows = getattr(getattr(engine, "runner", None), "last_rows", None)
+                cost_k = min(max(round(rows / len(seqs)) - 1, 0), self.max_lookahead) if rows else -1
             if cost_k == -1 or (cost_k is not None and cost_k > deepest):
                 cost_k = deepest  # not chosen here, or the room left cut the proposals short
             copy_step, self._cost_copy = self._cost_copy and sum(dcp) == sum(dp), False  # no drafted proposal
@@ -403,6 +405,10 @@ class AdaptiveLookahead:
         vars(decoder).pop("decode", None)
         if decoder.lookahead_fn is self:
             decoder.lookahead_fn = None
+
+
+_MIXED = -2
+"""``_cost_k`` of a step whose rows use different ks: its cell is set from the tokens it verified."""
 
 
 def _nearest_cells(table: dict[int, dict[int, list[float]]], batch: int) -> dict[int, tuple[float, float]]:

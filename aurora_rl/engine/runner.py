@@ -17,6 +17,8 @@ class ModelRunner:
         self.model = model
         self.cache = model.new_cache(num_slots, max_len)
         self.max_len = max_len
+        self.last_rows = 0
+        """Token rows the last ``extend`` computed (its real tokens when packed, rows x longest when padded)."""
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -37,8 +39,10 @@ class ModelRunner:
             raise ValueError(f"extending slots {slots} by {counts} tokens exceeds max_len={self.max_len}")
         if min(counts) < T and self.model.runs_ragged(self.cache, T):
             out = self._extend_ragged(slots, tokens, starts, last_only, with_taps)
+            self.last_rows = sum(counts)
         else:
             out = self._extend_padded(slots, tokens, starts, last_only, with_taps)
+            self.last_rows = len(tokens) * T
         self.cache.lengths[torch.tensor(slots, dtype=torch.long)] = torch.tensor(
             [s + c for s, c in zip(starts, counts)])
         return out

@@ -88,6 +88,9 @@ class RequestOutput:
     draft_tokens: int
     accepted_tokens: int
     error: str | None = None
+    decode_tokens_per_s: float = 0.0
+    """Tokens after the first over the time after it: the decoding rate speculation acts on (the prefill
+    that produces the first token is the same with and without it). 0 with fewer than 2 tokens."""
 
     @property
     def accept_length(self) -> float:
@@ -104,4 +107,6 @@ class RequestOutput:
             latency_s=latency, ttft_s=max(seq.t_first_token - seq.t_arrival, 0.0),
             tokens_per_s=len(seq.output_ids) / latency, verify_steps=seq.verify_steps,
             draft_tokens=seq.draft_tokens, accepted_tokens=seq.accepted_tokens, error=seq.error,
+            decode_tokens_per_s=((len(seq.output_ids) - 1) / max(seq.t_finished - seq.t_first_token, 1e-9)
+                                 if len(seq.output_ids) > 1 else 0.0),
         )
