@@ -81,7 +81,7 @@ INLINE void block_f32(const float *w, const float *x, float *y, int64_t K, int64
 #elif defined(__AVX2__) && defined(__FMA__)
     /* 16 vector registers: one accumulator per row (two registers each), at most F32_ROWS rows per call.
        Two per row, as above, would spill past 2 rows and make the kernel compute bound. */
-    __m256 lo[6], hi[6];
+    __m256 lo[8], hi[8];  /* sized for every MB the dispatch instantiates; at most F32_ROWS are used */
     for (int i = 0; i < MB; i++) { lo[i] = _mm256_setzero_ps(); hi[i] = _mm256_setzero_ps(); }
     for (int64_t k = 0; k < K; k++) {
         const __m256 w0 = _mm256_loadu_ps(w + k * 16), w1 = _mm256_loadu_ps(w + k * 16 + 8);
@@ -367,40 +367,45 @@ INLINE void attn_chunk_f32(const float **qp, const int64_t *n, float **op, const
     }
 }
 
+/* The body of a chunked attention driver: tasks of up to 4 queries that share one KV head (CHUNKFN
+   takes them in one pass over its keys and values), as many per row as its tokens times the group. */
+#define ATTN_CHUNKED(T, CHUNKFN)                                                                      \
+    const int64_t g = nh / nkv, per_head = g * Tq;                                                    \
+    /* Up to 4 queries share each pass over a KV head; fewer when that leaves threads idle. */       \
+    int qc = 4;                                                                                       \
+    while (qc > 1 && B * nkv * ((per_head + qc - 1) / qc) < 2 * threads) qc /= 2;                     \
+    const int64_t chunks = (per_head + qc - 1) / qc, stride = max_keys + 32;                          \
+    _Pragma("omp parallel num_threads(threads)")                                                      \
+    {                                                                                                 \
+        float *buf = (float *)malloc((size_t)(4 * stride) * sizeof(float));                           \
+        _Pragma("omp for schedule(static)")                                                           \
+        for (int64_t task = 0; task < B * nkv * chunks; task++) {                                     \
+            const int64_t c = task % chunks, kvh = (task / chunks) % nkv, b = task / (chunks * nkv);  \
+            const T *qp[4]; T *op[4]; int64_t n[4];                                                   \
+            const int64_t first = c * qc, count = (per_head - first) < qc ? (per_head - first) : qc;  \
+            for (int64_t i = 0; i < count; i++) {                                                     \
+                const int64_t t = (first + i) / g, h = kvh * g + (first + i) % g;                     \
+                qp[i] = q + b * sqb + t * sqt + h * sqh;                                              \
+                op[i] = out + ((b * Tq + t) * nh + h) * hd;                                           \
+                n[i] = pos[b * Tq + t] + 1;                                                           \
+            }                                                                                         \
+            const T *kp = kc + slots[b] * s_slot + kvh * s_head, *vp = vc + slots[b] * s_slot + kvh * s_head; \
+            switch (count) {                                                                          \
+                case 1: CHUNKFN(qp, n, op, kp, vp, hd, scale, buf, stride, 1); break;                 \
+                case 2: CHUNKFN(qp, n, op, kp, vp, hd, scale, buf, stride, 2); break;                 \
+                case 3: CHUNKFN(qp, n, op, kp, vp, hd, scale, buf, stride, 3); break;                 \
+                default: CHUNKFN(qp, n, op, kp, vp, hd, scale, buf, stride, 4); break;                \
+            }                                                                                         \
+        }                                                                                             \
+        free(buf);                                                                                    \
+    }
+
 /* As aurora_attn_bf16 (same arguments) for float32, with the queries of one KV head taken together. */
 void aurora_attn_f32(const float *q, int64_t sqb, int64_t sqt, int64_t sqh, const float *kc, const float *vc,
                      int64_t s_slot, int64_t s_head, const int64_t *slots, const int64_t *pos, float *out,
                      int64_t B, int64_t Tq, int64_t nh, int64_t nkv, int64_t hd, int64_t max_keys, float scale,
                      int threads) {
-    const int64_t g = nh / nkv, per_head = g * Tq;
-    /* Up to 4 queries share each pass over a KV head; fewer when that leaves threads idle. */
-    int qc = 4;
-    while (qc > 1 && B * nkv * ((per_head + qc - 1) / qc) < 2 * threads) qc /= 2;
-    const int64_t chunks = (per_head + qc - 1) / qc, stride = max_keys + 32;
-    _Pragma("omp parallel num_threads(threads)")
-    {
-        float *buf = (float *)malloc((size_t)(4 * stride) * sizeof(float));
-        _Pragma("omp for schedule(static)")
-        for (int64_t task = 0; task < B * nkv * chunks; task++) {
-            const int64_t c = task % chunks, kvh = (task / chunks) % nkv, b = task / (chunks * nkv);
-            const float *qp[4]; float *op[4]; int64_t n[4];
-            const int64_t first = c * qc, count = (per_head - first) < qc ? (per_head - first) : qc;
-            for (int64_t i = 0; i < count; i++) {
-                const int64_t t = (first + i) / g, h = kvh * g + (first + i) % g;
-                qp[i] = q + b * sqb + t * sqt + h * sqh;
-                op[i] = out + ((b * Tq + t) * nh + h) * hd;
-                n[i] = pos[b * Tq + t] + 1;
-            }
-            const float *kp = kc + slots[b] * s_slot + kvh * s_head, *vp = vc + slots[b] * s_slot + kvh * s_head;
-            switch (count) {
-                case 1: attn_chunk_f32(qp, n, op, kp, vp, hd, scale, buf, stride, 1); break;
-                case 2: attn_chunk_f32(qp, n, op, kp, vp, hd, scale, buf, stride, 2); break;
-                case 3: attn_chunk_f32(qp, n, op, kp, vp, hd, scale, buf, stride, 3); break;
-                default: attn_chunk_f32(qp, n, op, kp, vp, hd, scale, buf, stride, 4); break;
-            }
-        }
-        free(buf);
-    }
+    ATTN_CHUNKED(float, attn_chunk_f32)
 }
 
 #if defined(__AVX512BF16__)
@@ -482,35 +487,7 @@ int aurora_attn_bf16_dp(const uint16_t *q, int64_t sqb, int64_t sqt, int64_t sqh
                         const int64_t *pos, uint16_t *out, int64_t B, int64_t Tq, int64_t nh, int64_t nkv,
                         int64_t hd, int64_t max_keys, float scale, int threads) {
 #if defined(__AVX512BF16__)
-    const int64_t g = nh / nkv, per_head = g * Tq;
-    /* Up to 4 queries share each pass over a KV head; fewer when that leaves threads idle. */
-    int qc = 4;
-    while (qc > 1 && B * nkv * ((per_head + qc - 1) / qc) < 2 * threads) qc /= 2;
-    const int64_t chunks = (per_head + qc - 1) / qc, stride = max_keys + 32;
-    _Pragma("omp parallel num_threads(threads)")
-    {
-        float *buf = (float *)malloc((size_t)(4 * stride) * sizeof(float));
-        _Pragma("omp for schedule(static)")
-        for (int64_t task = 0; task < B * nkv * chunks; task++) {
-            const int64_t c = task % chunks, kvh = (task / chunks) % nkv, b = task / (chunks * nkv);
-            const uint16_t *qp[4]; uint16_t *op[4]; int64_t n[4];
-            const int64_t first = c * qc, count = (per_head - first) < qc ? (per_head - first) : qc;
-            for (int64_t i = 0; i < count; i++) {
-                const int64_t t = (first + i) / g, h = kvh * g + (first + i) % g;
-                qp[i] = q + b * sqb + t * sqt + h * sqh;
-                op[i] = out + ((b * Tq + t) * nh + h) * hd;
-                n[i] = pos[b * Tq + t] + 1;
-            }
-            const uint16_t *kp = kc + slots[b] * s_slot + kvh * s_head, *vp = vc + slots[b] * s_slot + kvh * s_head;
-            switch (count) {
-                case 1: attn_chunk_dp(qp, n, op, kp, vp, hd, scale, buf, stride, 1); break;
-                case 2: attn_chunk_dp(qp, n, op, kp, vp, hd, scale, buf, stride, 2); break;
-                case 3: attn_chunk_dp(qp, n, op, kp, vp, hd, scale, buf, stride, 3); break;
-                default: attn_chunk_dp(qp, n, op, kp, vp, hd, scale, buf, stride, 4); break;
-            }
-        }
-        free(buf);
-    }
+    ATTN_CHUNKED(uint16_t, attn_chunk_dp)
     return 1;
 #else
     return 0;
