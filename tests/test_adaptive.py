@@ -293,3 +293,25 @@ def test_adaptive_with_context_copy_stays_lossless():
     assert [o.output_ids for o in outs] == _plain(model, ps, sp, slots=2, max_len=96)
     assert dec.copy_steps > 0 and sum(ctrl._cproposed) > 0  # copies were chosen and measured apart
     assert sum(dec.copy_depth_proposed) <= sum(dec.depth_proposed)
+
+
+@pytest.mark.unit
+def test_copy_lookahead_is_explored_past_a_pessimistic_cost_prior():
+    """Copies that are always right and cheap to verify, under a prior that prices each extra token at
+    0.8 of a step: without exploration the copy k never leaves 0 (no deeper step is ever timed); with it
+    a deeper copy is tried, timed, and adopted."""
+
+    def run(epsilon):
+        ctrl = AdaptiveLookahead(4, AdaptiveConfig(prior_slope=0.8, epsilon=epsilon, epsilon_min=min(epsilon, 0.02),
+                                                   probe_evidence=0))
+        ks = []
+        for _ in range(300):
+            k = ctrl.choose_copy(1)
+            ks.append(k)
+            hits = [1] * k + [0] * (4 - k)
+            ctrl.observe(1, k, 1.0 + 0.1 * k, hits, hits, hits, hits, copy_step=k > 0)
+        return ks
+
+    assert set(run(0.0)) == {0}
+    explored = run(0.1)
+    assert explored[-50:].count(4) >= 45

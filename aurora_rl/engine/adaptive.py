@@ -42,7 +42,8 @@ Model, per batch size B and lookahead k in 0..K (one k for the whole batch):
 Context copies (``SpecConfig.context_copy``): the decoder says which rows can copy this step; those
 rows get their own k, ``choose_copy``, from the copies' own per-depth acceptance (prior
 ``copy_prior_acceptance``, never forgotten on a draft swap: copies do not depend on the draft) and
-the step times of steps where every row copied (no draft pass; their k = 0 cell is the shared one).
+the step times of steps where every row copied (no draft pass; their k = 0 cell is the shared one),
+explored as the draft's k is (a deeper copy's step time is only measured once one is tried).
 A copy is right far more often than the day-0 draft (87% where 4 tokens matched, on ShareGPT code),
 so copying rows speculate deep while drafting rows in the same batch may not speculate at all.
 
@@ -144,10 +145,11 @@ class AdaptiveConfig:
     """Pseudo-proposals behind the prior at each depth."""
     prior_slope: float = 0.1
     """Assumed extra step time per lookahead token, as a fraction of the k = 0 step, before it is measured."""
-    cpu_prior_slope: float = 0.3
+    cpu_prior_slope: float = 0.2
     """``prior_slope`` of a controller attached to a decoder on CPU, where a verify pass is bound by
-    compute once it has a few rows (measured on an AVX2 EPYC, SmolLM2 in float32: a 2-token step costs
-    1.3-1.4 one-token steps at batch 1; 8 rows cost 1.7x 4 rows)."""
+    compute once it has a few rows (measured on an AVX2 EPYC, SmolLM2 in float32, 300 tokens of context:
+    each extra token per row costs 0.15-0.17 of a one-token step at batch 1 and 0.58 at batch 4; the
+    prior is batch-scaled and capped, so 0.2 errs on the dear side at both)."""
     max_prior_slope: float = 1.0
     """Cap of the batch-scaled prior slope (1.0: a lookahead token costs at most one more step)."""
     horizon: int = 200
@@ -202,6 +204,8 @@ class AdaptiveLookahead:
         self.config = config or AdaptiveConfig()
         self.clock = clock
         self.steps = 0
+        self.copy_steps = 0
+        """Steps that chose a k for copying rows."""
         self.explored = 0
         self.probes = 0
         self.last_k = 0
@@ -244,19 +248,26 @@ class AdaptiveLookahead:
             costs[k] = max(costs[k], costs[k - 1])
         return costs
 
-    def optimistic_alphas(self) -> list[float]:
-        """Upper confidence bounds of the per-depth acceptance (alpha + 2 sd + 1/n, capped at 1)."""
+    def optimistic_alphas(self, alphas: list[float] | None = None, proposed: list[float] | None = None) -> list[float]:
+        """Upper confidence bounds of the per-depth acceptance (alpha + 2 sd + 1/n, capped at 1); the
+        draft's by default, or of the given rates and (discounted) proposal counts."""
         out = []
-        for a, n in zip(self.alphas(), self._proposed):
+        for a, n in zip(self.alphas() if alphas is None else alphas, self._proposed if proposed is None else proposed):
             n = n + self.config.prior_weight
             out.append(min(1.0, a + 2.0 * math.sqrt(a * (1.0 - a) / n) + 1.0 / n))
         return out
 
     def choose_copy(self, batch: int) -> int:
         """The k for rows that copy from their context: the copies' own acceptance over copy-step costs.
-        Not explored (every copying step measures the acceptance it is chosen by)."""
+        Explored like the draft's k (a neighbour with probability eps, a deeper one only while it could
+        pay): each copying step measures acceptance to the depth it proposed, but the step time of a
+        deeper copy is only known once one is tried, and the cost prior is pessimistic by design."""
+        cfg = self.config
         costs = self.costs(batch, copy=True)
-        k = best_lookahead(self.copy_alphas(), costs, self.config.min_gain)
+        alphas = self.copy_alphas()
+        k = best_lookahead(alphas, costs, cfg.min_gain)
+        self.copy_steps += 1
+        k = self._explore(k, costs, alphas, self._cproposed, self.copy_steps)
         self.last_copy_k = k
         return k
 
@@ -266,10 +277,23 @@ class AdaptiveLookahead:
         self._proposed = [x * keep for x in self._proposed]
         self._accepted = [x * keep for x in self._accepted]
 
-    def _may_pay(self, k_up: int, k_best: int, costs: list[float]) -> bool:
+    def _may_pay(self, k_up: int, k_best: int, costs: list[float], alphas: list[float],
+                 proposed: list[float]) -> bool:
         """Could k_up beat k_best if acceptance were at its optimistic bound?"""
-        return (expected_tokens(self.optimistic_alphas(), k_up) / costs[k_up] >
-                expected_tokens(self.alphas(), k_best) / costs[k_best])
+        return (expected_tokens(self.optimistic_alphas(alphas, proposed), k_up) / costs[k_up] >
+                expected_tokens(alphas, k_best) / costs[k_best])
+
+    def _explore(self, k: int, costs: list[float], alphas: list[float], proposed: list[float], steps: int) -> int:
+        """With probability eps (decaying with ``steps``), a neighbour of the model's best k: a smaller
+        one always, a larger one only while ``_may_pay``."""
+        cfg, K = self.config, self.max_lookahead
+        eps = max(cfg.epsilon_min, cfg.epsilon * cfg.epsilon_decay_steps / (cfg.epsilon_decay_steps + steps))
+        if K > 0 and self._rng.random() < eps:
+            other = 1 if k == 0 else K - 1 if k == K else k + self._rng.choice((-1, 1))
+            if other < k or self._may_pay(other, k, costs, alphas, proposed):
+                self.explored += 1
+                return other
+        return k
 
     def expected_tokens_per_s(self, batch: int, k: int) -> float:
         return batch * expected_tokens(self.alphas(), k) / self.costs(batch)[k]
@@ -277,16 +301,10 @@ class AdaptiveLookahead:
     # ---- acting and observing -------------------------------------------------------------------
     def choose(self, batch: int) -> int:
         """This step's k: the model's best, or with probability eps a neighbour of it."""
-        cfg, K = self.config, self.max_lookahead
-        costs = self.costs(batch)
-        k = best_lookahead(self.alphas(), costs, cfg.min_gain)
-        eps = max(cfg.epsilon_min, cfg.epsilon * cfg.epsilon_decay_steps / (cfg.epsilon_decay_steps + self.steps))
+        costs, alphas = self.costs(batch), self.alphas()
+        k = best_lookahead(alphas, costs, self.config.min_gain)
+        k = self._explore(k, costs, alphas, self._proposed, self.steps)
         self.steps += 1
-        if K > 0 and self._rng.random() < eps:
-            other = 1 if k == 0 else K - 1 if k == K else k + self._rng.choice((-1, 1))
-            if other < k or self._may_pay(other, k, costs):
-                k = other
-                self.explored += 1
         if k != self.last_k:
             log.debug("lookahead %d -> %d at batch %d", self.last_k, k, batch)
         self.last_k = k
