@@ -16,10 +16,14 @@ Contract:
   No compiler, a system other than x86-64 Linux, a failed build or a failed self-check leaves them
   off (logged once), and callers use PyTorch ops. ``AURORA_RL_NATIVE_KERNELS=0`` turns them off.
 - They are used on CPUs with AVX-512 or with AVX2 + FMA. The float32 gemv has an AVX2 body (one
-  accumulator per row, at most 4 rows per pass over a weight block): the 16-wide vector-extension code
+  accumulator per row, at most 6 rows per pass over a weight block): the 16-wide vector-extension code
   alone spilled registers there and lost to PyTorch everywhere. On AVX2 the gemv pays up to
   ``max_rows()`` rows a pass; larger passes go to PyTorch. Measured on an AVX2 EPYC, SmolLM2 in float32,
   one thread, whole forward with taps at batch 1: 35 vs 69 ms for 1 token, 76 vs 126 ms for 5 tokens.
+  Attention takes the (up to 4) queries that share a KV head in one pass over its keys and values
+  (the group's heads times the row's tokens: 15 queries per KV head in a 5-token verify of SmolLM2),
+  so a verify reads the cache once per chunk instead of once per query: 2.1-2.4x PyTorch's grouped
+  SDPA for 1 token, 1.1-1.6x for 5 (``experiments/results/attention_s6``).
   ``AURORA_RL_NATIVE_KERNELS=1`` uses them on any CPU (the kernel tests do, to check them everywhere).
 - Every kernel takes and returns CPU tensors of one dtype, float32 or bfloat16, accumulates in float32
   and rounds where transformers rounds; results differ from PyTorch only in summation order.
