@@ -159,7 +159,8 @@ def test_rows_of_different_lengths_run_packed_as_if_padded(dtype, monkeypatch):
         for slot, p in zip((2, 0, 3), prompts):
             runner.extend([slot], [p])
         out = runner.extend([2, 0, 3], chunks, with_taps=True)
-        runs[packed] = (out, runner.extend([2, 0, 3], [[20], [21], [22]], last_only=True).logits,
+        last = runner.extend([3, 2], [[23, 24, 25], [26]], last_only=True).logits  # each row's last token
+        runs[packed] = (out, torch.cat([last, runner.extend([2, 0, 3], [[20], [21], [22]], last_only=True).logits]),
                         runner.lengths.tolist())
     (ro, rnext, rlen), (po, pnext, plen) = runs[True], runs[False]
     assert ro.logits.shape == po.logits.shape and ro.taps.shape == po.taps.shape
@@ -169,4 +170,4 @@ def test_rows_of_different_lengths_run_packed_as_if_padded(dtype, monkeypatch):
         close(ro.hidden[b, :n], po.hidden[b, :n], dtype)
         close(ro.taps[b, :n], po.taps[b, :n], dtype)
     close(rnext, pnext, dtype)  # the next step reads the caches each pass left
-    assert rlen == plen == [len(prompts[1]) + 2, 0, len(prompts[0]) + 6, len(prompts[2]) + 3]
+    assert rlen == plen == [len(prompts[1]) + 2, 0, len(prompts[0]) + 7, len(prompts[2]) + 6]
