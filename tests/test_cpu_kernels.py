@@ -159,8 +159,9 @@ def test_rows_of_different_lengths_run_packed_as_if_padded(dtype, monkeypatch):
         for slot, p in zip((2, 0, 3), prompts):
             runner.extend([slot], [p])
         out = runner.extend([2, 0, 3], chunks, with_taps=True)
-        last = runner.extend([3, 2], [[23, 24, 25], [26]], last_only=True).logits  # each row's last token
-        runs[packed] = (out, torch.cat([last, runner.extend([2, 0, 3], [[20], [21], [22]], last_only=True).logits]),
+        last = runner.extend([3, 2], [[23, 24, 25], [26]], last_only=True)  # each row's last token
+        assert last.logits.shape == (2, 128) and last.hidden.shape == (2, 3, 64)  # the padded pass's layout
+        runs[packed] = (out, torch.cat([last.logits, runner.extend([2, 0, 3], [[20], [21], [22]], last_only=True).logits]),
                         runner.lengths.tolist())
     (ro, rnext, rlen), (po, pnext, plen) = runs[True], runs[False]
     assert ro.logits.shape == po.logits.shape and ro.taps.shape == po.taps.shape

@@ -76,12 +76,9 @@ class ModelRunner:
         offsets = [0]
         for c in counts[:-1]:
             offsets.append(offsets[-1] + c)
-        if last_only:
-            last = torch.tensor([o + c - 1 for o, c in zip(offsets, counts)])
-            return TargetOutput(out.logits[last, 0], out.hidden[last], out.taps[last] if with_taps else None)
         index = torch.tensor([[o + min(i, c - 1) for i in range(T)] for o, c in zip(offsets, counts)])
-        return TargetOutput(out.logits[index, 0], out.hidden[index, 0],
-                            out.taps[index, 0] if with_taps else None)
+        logits = out.logits[index[:, -1], 0] if last_only else out.logits[index, 0]  # last column: last real token
+        return TargetOutput(logits, out.hidden[index, 0], out.taps[index, 0] if with_taps else None)
 
     def truncate(self, slot: int, length: int) -> None:
         assert 0 <= length <= int(self.cache.lengths[slot])
