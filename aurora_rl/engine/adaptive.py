@@ -65,73 +65,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from aurora_rl.engine.lookahead_model import (acceptance_rates, best_lookahead, bucket, expected_tokens,
+                                              nearest_cells, predict_costs)
 from aurora_rl.engine.sequence import Sequence
 
+__all__ = ["AdaptiveConfig", "AdaptiveLookahead", "acceptance_rates", "best_lookahead", "expected_tokens",
+           "predict_costs"]
+
 log = logging.getLogger(__name__)
-
-
-def expected_tokens(alphas: list[float], k: int) -> float:
-    """Expected tokens one verify step emits with lookahead k: 1 + sum_{j<=k} prod_{l<=j} alpha_l."""
-    if not 0 <= k <= len(alphas):
-        raise ValueError(f"lookahead k={k} must be in [0, {len(alphas)}] (the depths with an acceptance rate)")
-    total, reach = 1.0, 1.0
-    for a in alphas[:k]:
-        reach *= a
-        total += reach
-    return total
-
-
-def best_lookahead(alphas: list[float], costs: list[float], min_gain: float = 0.0) -> int:
-    """The k in 0..len(costs)-1 with most expected tokens per second, ``costs[k]`` the step time at k.
-
-    The batch size multiplies every k's throughput alike, so it drops out. The smallest k within a
-    factor ``1 + min_gain`` of the best wins.
-    """
-    if not costs or min(costs) <= 0:
-        raise ValueError(f"costs must be a non-empty list of positive step times, got {costs}")
-    thr = [expected_tokens(alphas, k) / c for k, c in enumerate(costs)]
-    best = max(thr)
-    return next(k for k, t in enumerate(thr) if t * (1.0 + min_gain) >= best)
-
-
-def acceptance_rates(proposed: list[float], accepted: list[float], prior: float, prior_weight: float) -> list[float]:
-    """Conditional acceptance per depth from (discounted) per-depth counts, shrunk toward a prior.
-
-    ``accepted[j]`` counts depth-(j+1) proposals accepted (all shallower ones were too), so
-    ``accepted[j] / proposed[j]`` is the rate of reaching depth j+1; alpha is its ratio to the previous
-    depth's rate. Depths without data get the previous depth's alpha.
-    """
-    alphas, reach, pi = [], 1.0, prior
-    for p, a in zip(proposed, accepted):
-        alpha = min(max((a + prior_weight * pi) / (p * reach + prior_weight), 0.0), 1.0)
-        alphas.append(alpha)
-        reach = a / p if p > 0 else reach * alpha
-        pi = alpha
-    return alphas
-
-
-def predict_costs(cells: dict[int, tuple[float, float]], max_lookahead: int, prior_slope: float) -> list[float]:
-    """Step time for k = 0..K from measured cells {k: (mean seconds, weight)}; unmeasured ks extrapolated."""
-    if not cells:
-        return [1.0 + prior_slope * k for k in range(max_lookahead + 1)]
-    ks = sorted(cells)
-    if len(ks) == 1:
-        slope = prior_slope * cells[ks[0]][0] / (1.0 + prior_slope * ks[0])
-    else:
-        w = sum(cells[k][1] for k in ks)
-        km = sum(k * cells[k][1] for k in ks) / w
-        tm = sum(cells[k][0] * cells[k][1] for k in ks) / w
-        var = sum(cells[k][1] * (k - km) ** 2 for k in ks)
-        slope = max(0.0, sum(cells[k][1] * (k - km) * (cells[k][0] - tm) for k in ks) / var)
-    floor = 0.5 * min(t for t, _ in cells.values())
-    out = []
-    for k in range(max_lookahead + 1):
-        if k in cells:
-            out.append(cells[k][0])
-            continue
-        near = min(ks, key=lambda m: (abs(m - k), m))
-        out.append(max(cells[near][0] + slope * (k - near), floor))
-    return out
 
 
 @dataclass(slots=True)
@@ -238,9 +179,9 @@ class AdaptiveLookahead:
     def costs(self, batch: int, copy: bool = False) -> list[float]:
         """Predicted step time for k = 0..K at this batch size (from the nearest measured bucket); with
         ``copy``, of steps whose proposals are all copied (their k = 0 cell is the shared one)."""
-        cells = _nearest_cells(self._cost, batch)
+        cells = nearest_cells(self._cost, batch)
         if copy:
-            cells = {**({0: cells[0]} if 0 in cells else {}), **_nearest_cells(self._ccost, batch)}
+            cells = {**({0: cells[0]} if 0 in cells else {}), **nearest_cells(self._ccost, batch)}
         cfg = self.config
         costs = predict_costs(cells, self.max_lookahead, min(self.prior_slope * batch, cfg.max_prior_slope))
         # Proposing more never makes a step cheaper: a k measured below a smaller one is timing noise.
@@ -361,7 +302,7 @@ class AdaptiveLookahead:
         self._add_counts(self._cproposed, self._caccepted, cp, ca)
         if k is not None and k <= self.max_lookahead:
             table = self._ccost if copy_step and k > 0 else self._cost
-            cell = table.setdefault(_bucket(batch), {}).setdefault(k, [0.0, 0])
+            cell = table.setdefault(bucket(batch), {}).setdefault(k, [0.0, 0])
             cell[1] += 1
             cell[0] += (seconds - cell[0]) / min(cell[1], self.config.cost_horizon)
 
@@ -427,19 +368,6 @@ class AdaptiveLookahead:
 
 _MIXED = -2
 """``_cost_k`` of a step whose rows use different ks: its cell is set from the tokens it verified."""
-
-
-def _nearest_cells(table: dict[int, dict[int, list[float]]], batch: int) -> dict[int, tuple[float, float]]:
-    """{k: (mean seconds, count)} of the batch's bucket, or of the nearest measured one."""
-    b = _bucket(batch)
-    if b not in table and table:
-        b = min(table, key=lambda m: (abs(m - b), m))
-    return {k: (m, n) for k, (m, n) in table.get(b, {}).items()}
-
-
-def _bucket(batch: int) -> int:
-    """Power-of-two batch bucket: 1, 2-3, 4-7, ..."""
-    return max(batch, 1).bit_length() - 1
 
 
 def _delta(now: list[int], before: list[int]) -> list[int]:
