@@ -17,9 +17,10 @@ Contract:
   off (logged once), and callers use PyTorch ops. ``AURORA_RL_NATIVE_KERNELS=0`` turns them off.
 - They are used on CPUs with AVX-512 or with AVX2 + FMA. The float32 gemv has an AVX2 body (one
   accumulator per row, at most 6 rows per pass over a weight block): the 16-wide vector-extension code
-  alone spilled registers there and lost to PyTorch everywhere. On AVX2 the gemv pays up to
-  ``max_rows()`` rows a pass; larger passes go to PyTorch. Measured on an AVX2 EPYC, SmolLM2 in float32,
-  one thread, whole forward with taps at batch 1: 35 vs 69 ms for 1 token, 76 vs 126 ms for 5 tokens.
+  alone spilled registers there and lost to PyTorch everywhere. The gemv pays up to ``max_rows()``
+  rows a pass; larger passes go to PyTorch. Measured on an AVX2 EPYC, SmolLM2 in float32,
+  whole forward with taps at batch 1, context 300, 2 threads: 19.1 ms for 1 token, 26.8 ms for 5
+  (``experiments/results/gemv_s7/forward.txt``; 22.3 and 34.9 ms before session 7).
   Attention takes the (up to 4) queries that share a KV head in one pass over its keys and values
   (the group's heads times the row's tokens: 15 queries per KV head in a 5-token verify of SmolLM2),
   so a verify reads the cache once per chunk instead of once per query: 2.1-2.4x PyTorch's grouped
@@ -205,14 +206,12 @@ def _has_avx2_fma() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
-AVX512_MAX_ROWS = 128
-"""With AVX-512: rows up to which the gemv beats ``F.linear`` (SmolLM2's shapes, bf16, 2 cores: 2.3x at
-8 rows, 1.4x at 64, 1.2x at 128)."""
-AVX2_MAX_ROWS = 8
-"""With AVX2 only (16 vector registers): the gemv is bound by memory up to about 4 rows and by compute
-beyond. Measured on an AVX2 EPYC, float32, one thread, against ``x @ W.T``: the 576 x 49152 lm_head
-7.2 vs 8.9 ms at 1 row, 11.1 vs 24.2 at 5, 15.2 vs 23.4 at 8, 37.7 vs 33.6 at 20; SmolLM2's
-576 x 3072 and 1536 x 576 layers about break even at 8 rows."""
+MAX_ROWS = 128
+"""Rows (tokens) up to which the gemv beats ``F.linear`` on SmolLM2's shapes, 2 cores. AVX-512, bf16:
+2.3x at 8 rows, 1.4x at 64, 1.2x at 128. AVX2 only, float32 (``experiments/results/gemv_s7``): the
+576 x 49152 lm_head 3.7 vs 20.8 ms at 6 rows, 8.4 vs 25.5 at 20, 41.7 vs 60.2 at 128; the 576 x 3072
+layer 0.17 vs 0.54 ms at 6 rows, 2.46 vs 3.02 at 128. (Until session 7 the AVX2 body stored its
+accumulators to the stack on every step of k and lost to PyTorch past 8 rows.)"""
 
 
 def available() -> bool:
@@ -226,11 +225,9 @@ def available() -> bool:
     return False
 
 
-@functools.cache
 def max_rows() -> int:
-    """Most rows (tokens) a pass may have for the native gemv to pay: all of a verify step's rows on
-    AVX-512, a few on AVX2 (larger passes go to PyTorch, see ``AVX2_MAX_ROWS``)."""
-    return AVX2_MAX_ROWS if _has_avx2_fma() and not _has_avx512() else AVX512_MAX_ROWS
+    """Most rows (tokens) a pass may have for the native gemv to pay; larger passes go to PyTorch."""
+    return MAX_ROWS
 
 
 @functools.cache
