@@ -168,3 +168,42 @@ def test_rows_of_different_lengths_run_packed_as_if_padded(dtype, monkeypatch):
         close(ro.taps[b, :n], po.taps[b, :n], dtype)
     close(rnext, pnext, dtype)  # the next step reads the caches each pass left
     assert rlen == plen == [len(prompts[1]) + 2, 0, len(prompts[0]) + 7, len(prompts[2]) + 6]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_draft_step_in_one_native_call_matches_the_step_by_step_path(dtype, monkeypatch):
+    """A proposal step (a few tokens per row) runs the draft's layer in one native call: logits, hidden
+    states and the keys and values it leaves in the cache match the PyTorch path."""
+    from aurora_rl.models.draft import DraftConfig, Eagle3Draft
+
+    model, _ = tiny_target("llama", dtype=torch.float32)
+    draft = Eagle3Draft(DraftConfig.for_target(model.config, draft_vocab_size=64)).init_from_target(model, 3)
+    draft = draft.to_dtype(dtype).eval()
+    calls, layer = [], cpu_kernels.draft_layer
+    monkeypatch.setattr(cpu_kernels, "draft_layer", lambda *a: calls.append(1) or layer(*a))
+    g = torch.Generator().manual_seed(0)
+    H = draft.config.hidden_size
+    slots = torch.tensor([2, 0, 1])
+    for T in (1, 3):
+        pos = torch.tensor([[5], [0], [17]]) + torch.arange(T)
+        toks = torch.randint(0, draft.config.vocab_size, (3, T), generator=g)
+        hidden = torch.randn(3, T, H, generator=g).to(dtype)
+        outs, caches = [], []
+        for fused in (True, False):
+            cache = draft.new_cache(4, 32)
+            cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=torch.Generator().manual_seed(1)))
+            cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=torch.Generator().manual_seed(2)))
+            if not fused:
+                draft._fused_weights = lambda: None  # the step-by-step path
+            with torch.inference_mode():
+                outs.append(draft(toks, hidden, pos, cache, slots))
+            caches.append(cache)
+            draft.__dict__.pop("_fused_weights", None)
+            assert len(calls) == (1 if fused else 0)
+            calls.clear()
+        tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+        torch.testing.assert_close(outs[0].logits.float(), outs[1].logits.float(), **tol)
+        torch.testing.assert_close(outs[0].hidden.float(), outs[1].hidden.float(), **tol)
+        torch.testing.assert_close(caches[0].k[0].float(), caches[1].k[0].float(), **tol)
+        torch.testing.assert_close(caches[0].v[0].float(), caches[1].v[0].float(), **tol)

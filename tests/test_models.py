@@ -128,3 +128,17 @@ def test_smollm2_parity_fp32_and_bf16(smollm2_dir, smollm2_fp32, smollm2_tokeniz
     ours_err = (out16.logits.float() - ref.logits).abs().mean().item()
     hf_err = (ref16 - ref.logits).abs().mean().item()
     assert ours_err <= 1.25 * hf_err, f"bf16 mean |error|: ours {ours_err:.4f} vs transformers {hf_err:.4f}"
+
+
+@pytest.mark.unit
+def test_native_kernels_build_where_there_is_a_compiler():
+    """The kernel tests skip where the kernels are not built: that must mean no compiler (or not x86-64
+    Linux), never a source that fails to compile."""
+    import os
+    import platform
+    import shutil
+
+    from aurora_rl.models import cpu_kernels
+
+    if shutil.which(os.environ.get("CC", "cc")) and platform.machine() == "x86_64" and platform.system() == "Linux":
+        assert cpu_kernels.built(), "a C compiler is here but the native kernels did not build (see the log)"

@@ -6,7 +6,7 @@ the compiler targets them (``-march=native``). Every exported function exists fo
 - ``aurora_gemv``: y = x @ W.T over a packed weight (``cpu_kernels.pack``), float32 accumulation.
 - ``aurora_attn`` (+ ``aurora_attn_bf16_dp``): attention of a few queries per row over the slot cache.
 - ``aurora_add_rmsnorm``, ``aurora_silu_mul``, ``aurora_rope_write``: the elementwise steps.
-- ``aurora_layer``: one decoder layer made of the above.
+- ``aurora_layer``: one decoder layer made of the above; ``aurora_draft_layer``: the EAGLE3 draft's.
 """
 
 SOURCE = r"""
@@ -613,20 +613,11 @@ static inline void add_bias_bf16(uint16_t *y, const uint16_t *b, int64_t n) {
 }
 static inline void add_bias_f32(float *y, const float *b, int64_t n) { for (int64_t i = 0; i < n; i++) y[i] += b[i]; }
 
-#define LAYER_KERNEL(SUFFIX, T, ATTN)                                                                 \
-void aurora_layer##SUFFIX(const T *x, const T *pending, T *resid, T *mlp_out, const T *in_w,          \
-                          const T *post_w, const T *w_qkv, const T *b_qkv, const T *w_o, const T *w_gu, \
-                          const T *w_down, const T *cos, const T *sin, const int64_t *pos,            \
-                          const int64_t *slots, T *kc, T *vc, T *work, int64_t s_slot, int64_t s_head, \
-                          int64_t B, int64_t Tq, int64_t nh, int64_t nkv, int64_t hd, int64_t H,      \
-                          int64_t I, int64_t kv_len, float eps, int threads) {                        \
-    const int64_t M = B * Tq, W = (nh + 2 * nkv) * hd, A = nh * hd;                                   \
-    T *h = work, *qkv = h + M * H, *q = qkv + M * W, *att = q + M * A, *o = att + M * A;              \
-    T *gu = o + M * H, *act = gu + M * 2 * I;                                                         \
-    if (pending) aurora_add_rmsnorm##SUFFIX(x, pending, resid, h, in_w, M, H, eps, threads);          \
-    else { memcpy(resid, x, (size_t)(M * H) * sizeof(T));                                             \
-           aurora_add_rmsnorm##SUFFIX(resid, NULL, NULL, h, in_w, M, H, eps, threads); }              \
-    aurora_gemv##SUFFIX(w_qkv, h, qkv, M, W, H, H, W, threads);                                       \
+/* From h [M, QW] (the normalised input of qkv) and resid [M, H] (the residual stream before attention)
+   on: qkv (+ bias), RoPE and cache write, attention, resid += o(attn), h = post_norm(resid),
+   mlp_out = down(silu(gate) * up). Declares the scratch pointers into work. */
+#define LAYER_TAIL(SUFFIX, ATTN, QW)                                                                  \
+    aurora_gemv##SUFFIX(w_qkv, h, qkv, M, W, QW, QW, W, threads);                                     \
     if (b_qkv) for (int64_t r = 0; r < M; r++) add_bias##SUFFIX(qkv + r * W, b_qkv, W);                \
     aurora_rope_write##SUFFIX(qkv, cos, sin, pos, slots, q, kc, vc, s_slot, s_head, M, Tq, nh, nkv, hd, \
                               threads);                                                               \
@@ -636,7 +627,43 @@ void aurora_layer##SUFFIX(const T *x, const T *pending, T *resid, T *mlp_out, co
     aurora_add_rmsnorm##SUFFIX(resid, o, resid, h, post_w, M, H, eps, threads);                       \
     aurora_gemv##SUFFIX(w_gu, h, gu, M, 2 * I, H, H, 2 * I, threads);                                 \
     aurora_silu_mul##SUFFIX(gu, act, M, I, threads);                                                  \
-    aurora_gemv##SUFFIX(w_down, act, mlp_out, M, H, I, I, H, threads);                                \
+    aurora_gemv##SUFFIX(w_down, act, mlp_out, M, H, I, I, H, threads);
+
+#define LAYER_SCRATCH(T, QW)                                                                          \
+    const int64_t M = B * Tq, W = (nh + 2 * nkv) * hd, A = nh * hd;                                   \
+    T *h = work, *qkv = h + M * (QW), *q = qkv + M * W, *att = q + M * A, *o = att + M * A;           \
+    T *gu = o + M * H, *act = gu + M * 2 * I;
+
+#define LAYER_KERNEL(SUFFIX, T, ATTN)                                                                 \
+void aurora_layer##SUFFIX(const T *x, const T *pending, T *resid, T *mlp_out, const T *in_w,          \
+                          const T *post_w, const T *w_qkv, const T *b_qkv, const T *w_o, const T *w_gu, \
+                          const T *w_down, const T *cos, const T *sin, const int64_t *pos,            \
+                          const int64_t *slots, T *kc, T *vc, T *work, int64_t s_slot, int64_t s_head, \
+                          int64_t B, int64_t Tq, int64_t nh, int64_t nkv, int64_t hd, int64_t H,      \
+                          int64_t I, int64_t kv_len, float eps, int threads) {                        \
+    LAYER_SCRATCH(T, H)                                                                               \
+    if (pending) aurora_add_rmsnorm##SUFFIX(x, pending, resid, h, in_w, M, H, eps, threads);          \
+    else { memcpy(resid, x, (size_t)(M * H) * sizeof(T));                                             \
+           aurora_add_rmsnorm##SUFFIX(resid, NULL, NULL, h, in_w, M, H, eps, threads); }              \
+    LAYER_TAIL(SUFFIX, ATTN, H)                                                                       \
+}                                                                                                     \
+/* The EAGLE3 draft's layer: qkv reads [emb_norm(emb) | hid_norm(hid)] (2H wide); the residual stream \
+   starts from hid. */                                                                                \
+void aurora_draft_layer##SUFFIX(const T *emb, const T *hid, T *resid, T *mlp_out, const T *emb_w,     \
+                                const T *hid_w, const T *post_w, const T *w_qkv, const T *w_o,        \
+                                const T *w_gu, const T *w_down, const T *cos, const T *sin,           \
+                                const int64_t *pos, const int64_t *slots, T *kc, T *vc, T *work,      \
+                                int64_t s_slot, int64_t s_head, int64_t B, int64_t Tq, int64_t nh,    \
+                                int64_t nkv, int64_t hd, int64_t H, int64_t I, int64_t kv_len,        \
+                                float eps, int threads) {                                             \
+    const T *b_qkv = NULL;                                                                            \
+    LAYER_SCRATCH(T, 2 * H)                                                                           \
+    for (int64_t r = 0; r < M; r++) {  /* each half normalised on its own, straight into its place */  \
+        aurora_add_rmsnorm##SUFFIX(emb + r * H, NULL, NULL, h + r * 2 * H, emb_w, 1, H, eps, 1);     \
+        aurora_add_rmsnorm##SUFFIX(hid + r * H, NULL, NULL, h + r * 2 * H + H, hid_w, 1, H, eps, 1); \
+    }                                                                                                 \
+    memcpy(resid, hid, (size_t)(M * H) * sizeof(T));                                                  \
+    LAYER_TAIL(SUFFIX, ATTN, 2 * H)                                                                   \
 }
 LAYER_KERNEL(_bf16, uint16_t, attn_any_bf16)
 LAYER_KERNEL(_f32, float, aurora_attn_f32)

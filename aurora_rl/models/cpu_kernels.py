@@ -63,6 +63,7 @@ _SIGNATURES = {  # C function (one per dtype: _bf16, _f32) -> argument types; th
     "aurora_silu_mul": [_P, _P, _I, _I, _T],
     "aurora_rope_write": [_P] * 8 + [_I] * 7 + [_T],
     "aurora_layer": [_P] * 18 + [_I] * 10 + [_F, _T],
+    "aurora_draft_layer": [_P] * 18 + [_I] * 10 + [_F, _T],
 }
 
 
@@ -386,10 +387,11 @@ def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
 # ---- a whole decoder layer ----------------------------------------------------------------------------
 
 def layer_workspace(rows: int, hidden: int, intermediate: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """Scratch for ``decoder_layer`` over ``rows`` tokens (reusable across the layers of one pass)."""
+                    dtype: torch.dtype, qkv_in: int | None = None) -> torch.Tensor:
+    """Scratch for ``decoder_layer`` (or ``draft_layer``, whose qkv reads ``qkv_in`` = 2 * hidden) over
+    ``rows`` tokens (reusable across the layers of one pass)."""
     attn = num_heads * head_dim
-    per_row = 2 * hidden + (num_heads + 2 * num_kv_heads) * head_dim + 2 * attn + 3 * intermediate
+    per_row = (qkv_in or hidden) + hidden + (num_heads + 2 * num_kv_heads) * head_dim + 2 * attn + 3 * intermediate
     return torch.empty(rows * per_row, dtype=dtype)
 
 
@@ -412,3 +414,23 @@ def decoder_layer(x: torch.Tensor, pending: torch.Tensor | None, resid: torch.Te
         w_o.data_ptr(), w_gu.data_ptr(), w_down.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
         positions.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), work.data_ptr(),
         k_cache.stride(0), k_cache.stride(1), B, T, nh, nkv, hd, hidden, inter, kv_len, eps, _threads())
+
+
+def draft_layer(emb: torch.Tensor, hid: torch.Tensor, resid: torch.Tensor, mlp_out: torch.Tensor, weights: tuple,
+                rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int, work: torch.Tensor,
+                shape: tuple[int, int, int, int, int], eps: float) -> None:
+    """The EAGLE3 draft's decoder layer for emb, hid [B, T, H] (contiguous): qkv reads
+    [emb_norm(emb) | hidden_norm(hid)], the residual stream ``resid`` starts from hid; writes ``resid``
+    (hid + attention) and ``mlp_out`` as ``decoder_layer`` does. ``weights`` = (emb norm, hidden norm,
+    post norm, packed qkv, packed o, packed gate_up, packed down); ``work`` from ``layer_workspace`` with
+    ``qkv_in=2 * hidden``."""
+    emb_w, hid_w, post_w, w_qkv, w_o, w_gu, w_down = weights
+    nh, nkv, hd, hidden, inter = shape
+    B, T, _ = emb.shape
+    _kernels().fn("aurora_draft_layer", emb.dtype)(
+        emb.data_ptr(), hid.data_ptr(), resid.data_ptr(), mlp_out.data_ptr(), emb_w.data_ptr(), hid_w.data_ptr(),
+        post_w.data_ptr(), w_qkv.data_ptr(), w_o.data_ptr(), w_gu.data_ptr(), w_down.data_ptr(), rope_cos.data_ptr(),
+        rope_sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        work.data_ptr(), k_cache.stride(0), k_cache.stride(1), B, T, nh, nkv, hd, hidden, inter, kv_len, eps,
+        _threads())

@@ -173,6 +173,39 @@ class Eagle3Draft(nn.Module):
         h = hidden + self.o(attn)
         return h + self.mlp(self.post_norm(h))
 
+    def _fused_weights(self) -> tuple | None:
+        """Weights for ``cpu_kernels.draft_layer``; None where it does not apply."""
+        packed = [lin.packed_weight() for lin in (self.qkv, self.o, self.mlp.gate_up, self.mlp.down)]
+        if any(p is None for p in packed) or self.config.hidden_size % 16 or self.config.intermediate_size % 16:
+            return None
+        return (self.input_norm.weight, self.hidden_norm.weight, self.post_norm.weight, *packed)
+
+    def _fused_step(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                    cache: SlotKVCache, slots: torch.Tensor) -> DraftOutput | None:
+        """A few tokens per row in one native call for the layer (a proposal step at serving time);
+        None where the kernels do not apply (training, long extends, other dtypes)."""
+        B, T, H = hidden.shape
+        kv_len = int(positions.max()) + 1
+        if (T > NATIVE_ATTENTION_MAX_TOKENS or torch.is_grad_enabled() or hidden.dtype != self.dtype
+                or kv_len > self.rope.cos.shape[0] or cache.k[0].dtype != self.dtype
+                or not cpu_kernels.attention_supported(cache.k[0])
+                or not cpu_kernels.elementwise_supported(hidden.contiguous())):
+            return None
+        weights = self._fused_weights()
+        if weights is None:
+            return None
+        c = self.config
+        emb = self.embed(token_ids).to(self.dtype).contiguous()
+        resid, mlp_out = torch.empty(2, B, T, H, dtype=self.dtype)
+        work = cpu_kernels.layer_workspace(B * T, H, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                                           self.dtype, qkv_in=2 * H)
+        cpu_kernels.draft_layer(emb, hidden.contiguous(), resid, mlp_out, weights, self.rope.cos, self.rope.sin,
+                                positions.long().contiguous(), slots.long().contiguous(), cache.k[0], cache.v[0],
+                                kv_len, work, (c.num_heads, c.num_kv_heads, c.head_dim, H, c.intermediate_size),
+                                c.rms_norm_eps)
+        h, normed = cpu_kernels.add_rmsnorm(resid, mlp_out, self.norm.weight, c.rms_norm_eps)
+        return DraftOutput(logits=self.lm_head(normed), hidden=h)
+
     def forward(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 cache: SlotKVCache, slots: torch.Tensor, logit_index: torch.Tensor | None = None) -> DraftOutput:
         """Serving step over the draft's slot cache (``hidden`` already fused or the draft's own).
@@ -181,6 +214,10 @@ class Eagle3Draft(nn.Module):
         value to the cache but only the indexed one per row goes on through attention, the MLP and the
         head: the others are only ever read as keys, so a long catch-up costs two projections per position.
         """
+        if logit_index is None:
+            fused = self._fused_step(token_ids, hidden, positions, cache, slots)
+            if fused is not None:
+                return fused
         q, k, v = self.project_qkv(token_ids, hidden, positions)
         cache.write(0, slots, positions, k, v)
         if logit_index is not None:
