@@ -190,6 +190,7 @@ def test_draft_step_in_one_native_call_matches_the_step_by_step_path(dtype, monk
         toks = torch.randint(0, draft.config.vocab_size, (3, T), generator=g)
         hidden = torch.randn(3, T, H, generator=g).to(dtype)
         outs, caches = [], []
+        logit_index = torch.tensor([T - 1, 0, T // 2])  # feeding kept tokens: rows of different lengths
         for fused in (True, False):
             cache = draft.new_cache(4, 32)
             cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=torch.Generator().manual_seed(1)))
@@ -198,12 +199,16 @@ def test_draft_step_in_one_native_call_matches_the_step_by_step_path(dtype, monk
                 draft._fused_weights = lambda: None  # the step-by-step path
             with torch.inference_mode():
                 outs.append(draft(toks, hidden, pos, cache, slots))
+                fed = draft(toks, hidden, pos, cache, slots, logit_index=logit_index)
+                assert fed.logits.shape == (3, draft.config.draft_vocab_size) and fed.hidden.shape == (3, H)
+                outs.append(fed)
             caches.append(cache)
             draft.__dict__.pop("_fused_weights", None)
-            assert len(calls) == (1 if fused else 0)
+            assert len(calls) == (2 if fused else 0)
             calls.clear()
         tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
-        torch.testing.assert_close(outs[0].logits.float(), outs[1].logits.float(), **tol)
-        torch.testing.assert_close(outs[0].hidden.float(), outs[1].hidden.float(), **tol)
+        for i in (0, 1):  # the step, then feeding with logit_index
+            torch.testing.assert_close(outs[i].logits.float(), outs[2 + i].logits.float(), **tol)
+            torch.testing.assert_close(outs[i].hidden.float(), outs[2 + i].hidden.float(), **tol)
         torch.testing.assert_close(caches[0].k[0].float(), caches[1].k[0].float(), **tol)
         torch.testing.assert_close(caches[0].v[0].float(), caches[1].v[0].float(), **tol)

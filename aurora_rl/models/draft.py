@@ -181,9 +181,11 @@ class Eagle3Draft(nn.Module):
         return (self.input_norm.weight, self.hidden_norm.weight, self.post_norm.weight, *packed)
 
     def _fused_step(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                    cache: SlotKVCache, slots: torch.Tensor) -> DraftOutput | None:
-        """A few tokens per row in one native call for the layer (a proposal step at serving time);
-        None where the kernels do not apply (training, long extends, other dtypes)."""
+                    cache: SlotKVCache, slots: torch.Tensor, logit_index: torch.Tensor | None) -> DraftOutput | None:
+        """A few tokens per row in one native call for the layer (a proposal step, or feeding the tokens
+        a verify kept); None where the kernels do not apply (training, long extends, other dtypes). With
+        ``logit_index`` every position goes through the layer (a few rows cost little more than one)
+        and the head runs on the indexed one."""
         B, T, H = hidden.shape
         kv_len = int(positions.max()) + 1
         if (T > NATIVE_ATTENTION_MAX_TOKENS or torch.is_grad_enabled() or hidden.dtype != self.dtype
@@ -204,6 +206,9 @@ class Eagle3Draft(nn.Module):
                                 kv_len, work, (c.num_heads, c.num_kv_heads, c.head_dim, H, c.intermediate_size),
                                 c.rms_norm_eps)
         h, normed = cpu_kernels.add_rmsnorm(resid, mlp_out, self.norm.weight, c.rms_norm_eps)
+        if logit_index is not None:
+            rows = torch.arange(B)
+            h, normed = h[rows, logit_index], normed[rows, logit_index]
         return DraftOutput(logits=self.lm_head(normed), hidden=h)
 
     def forward(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
@@ -214,10 +219,9 @@ class Eagle3Draft(nn.Module):
         value to the cache but only the indexed one per row goes on through attention, the MLP and the
         head: the others are only ever read as keys, so a long catch-up costs two projections per position.
         """
-        if logit_index is None:
-            fused = self._fused_step(token_ids, hidden, positions, cache, slots)
-            if fused is not None:
-                return fused
+        fused = self._fused_step(token_ids, hidden, positions, cache, slots, logit_index)
+        if fused is not None:
+            return fused
         q, k, v = self.project_qkv(token_ids, hidden, positions)
         cache.write(0, slots, positions, k, v)
         if logit_index is not None:
