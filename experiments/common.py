@@ -19,6 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("experiments")
 
 
+def median_ms(fn, n: int = 15) -> float:
+    """Median wall time of ``n`` calls of ``fn``, in milliseconds (the microbenchmarks' timer)."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[n // 2] * 1e3
+
+
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 

@@ -3,9 +3,14 @@ call against the step-by-step path, same process; median of 101 calls, ms.
 
     .venv/bin/python experiments/results/gemv_s7/draft_step.py
 """
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from common import median_ms  # noqa: E402
 
 from aurora_rl.config import ModelSection
 from aurora_rl.runtime.factory import initial_draft, load_target_model
@@ -19,17 +24,9 @@ slots, pos, toks = torch.tensor([0]), torch.tensor([[300]]), torch.tensor([[5]])
 hidden = torch.randn(1, 1, draft.config.hidden_size).to(target.dtype)
 
 
-def med(f, n=101):
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[n // 2] * 1e3
-
 
 with torch.inference_mode():
-    fused = med(lambda: draft(toks, hidden, pos, cache, slots))
+    fused = median_ms(lambda: draft(toks, hidden, pos, cache, slots), 101)
     draft._fused_weights = lambda: None
-    steps = med(lambda: draft(toks, hidden, pos, cache, slots))
+    steps = median_ms(lambda: draft(toks, hidden, pos, cache, slots), 101)
 print(f"draft step: one native call {fused:.2f} ms, step by step {steps:.2f} ms ({steps / fused:.2f}x)")

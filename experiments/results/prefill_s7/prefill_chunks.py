@@ -3,9 +3,14 @@ limit), SmolLM2 float32 with taps, 2 threads, same process; median of 5, ms.
 
     .venv/bin/python experiments/results/prefill_s7/prefill_chunks.py
 """
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from common import median_ms  # noqa: E402
 
 from aurora_rl.config import ModelSection
 from aurora_rl.runtime.factory import load_target_model
@@ -25,16 +30,8 @@ def prefill(n: int, chunk: int | None) -> None:
                logit_index=torch.tensor([e - s - 1]), with_taps=True)
 
 
-def med(f, n=5):
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[n // 2] * 1e3
-
 
 print("prompt tokens: one pass / chunks of 128 / chunks of 64 (ms)")
 for n in (128, 300, 600, 1000):
-    one, c128, c64 = (med(lambda c=c: prefill(n, c)) for c in (None, 128, 64))
+    one, c128, c64 = (median_ms(lambda c=c: prefill(n, c), 5) for c in (None, 128, 64))
     print(f"{n:5d}: {one:7.1f} / {c128:7.1f} ({one / c128:.2f}x) / {c64:7.1f} ({one / c64:.2f}x)", flush=True)
