@@ -88,9 +88,10 @@ class AdaptiveConfig:
     """Assumed extra step time per lookahead token, as a fraction of the k = 0 step, before it is measured."""
     cpu_prior_slope: float = 0.2
     """``prior_slope`` of a controller attached to a decoder on CPU, where a verify pass is bound by
-    compute once it has a few rows (measured on an AVX2 EPYC, SmolLM2 in float32, 300 tokens of context:
-    each extra token per row costs 0.15-0.17 of a one-token step at batch 1 and 0.58 at batch 4; the
-    prior is batch-scaled and capped, so 0.2 errs on the dear side at both)."""
+    compute once it has a few rows (measured on an AVX2 EPYC, SmolLM2 in float32, 300 tokens of context,
+    session 7's kernels: each extra token per row costs 0.10 of a one-token step at batch 1 and 0.40 at
+    batch 4, i.e. 0.10 x B). The prior is batch-scaled and capped; 0.2 errs on the dear side on purpose:
+    0.12 explored more at batch 4 and gained nothing measurable (``experiments/results/table_s7_prior``)."""
     max_prior_slope: float = 1.0
     """Cap of the batch-scaled prior slope (1.0: a lookahead token costs at most one more step)."""
     horizon: int = 200
