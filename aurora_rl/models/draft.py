@@ -187,11 +187,11 @@ class Eagle3Draft(nn.Module):
         ``logit_index`` every position goes through the layer (a few rows cost little more than one)
         and the head runs on the indexed one."""
         B, T, H = hidden.shape
-        kv_len = int(positions.max()) + 1
-        if (T > NATIVE_ATTENTION_MAX_TOKENS or torch.is_grad_enabled() or hidden.dtype != self.dtype
-                or kv_len > self.rope.cos.shape[0] or cache.k[0].dtype != self.dtype
-                or not cpu_kernels.attention_supported(cache.k[0])
-                or not cpu_kernels.elementwise_supported(hidden.contiguous())):
+        if T > NATIVE_ATTENTION_MAX_TOKENS or torch.is_grad_enabled() or hidden.dtype != self.dtype:
+            return None
+        kv_len, hidden = int(positions.max()) + 1, hidden.contiguous()
+        if (kv_len > self.rope.cos.shape[0] or cache.k[0].dtype != self.dtype
+                or not cpu_kernels.attention_supported(cache.k[0]) or not cpu_kernels.elementwise_supported(hidden)):
             return None
         weights = self._fused_weights()
         if weights is None:
@@ -201,7 +201,7 @@ class Eagle3Draft(nn.Module):
         resid, mlp_out = torch.empty(2, B, T, H, dtype=self.dtype)
         work = cpu_kernels.layer_workspace(B * T, H, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
                                            self.dtype, qkv_in=2 * H)
-        cpu_kernels.draft_layer(emb, hidden.contiguous(), resid, mlp_out, weights, self.rope.cos, self.rope.sin,
+        cpu_kernels.draft_layer(emb, hidden, resid, mlp_out, weights, self.rope.cos, self.rope.sin,
                                 positions.long().contiguous(), slots.long().contiguous(), cache.k[0], cache.v[0],
                                 kv_len, work, (c.num_heads, c.num_kv_heads, c.head_dim, H, c.intermediate_size),
                                 c.rms_norm_eps)
