@@ -100,6 +100,15 @@ class LearnerSection:
     """Publish weights every this many batches."""
     checkpoint_every: int = 20
     """Write a checkpoint every this many batches (0 = only at the end)."""
+    vocab_refresh_every: int = 0
+    """Batches between checks of the draft vocabulary against the recent traffic (0 = keep the day-0
+    vocabulary); native engine only (``aurora_rl.training.vocab``)."""
+    vocab_refresh_min_gain: float = 0.01
+    """Remap only when the best vocabulary covers at least this much more of the recent tokens."""
+    vocab_half_life_tokens: int = 16384
+    """Token counts halve every this many (weighted) tokens counted."""
+    vocab_prompt_weight: float = 0.25
+    """Weight of a prompt token against an emitted token in the counts."""
 
 
 @dataclass
@@ -223,6 +232,7 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"engine.lookahead={cfg.engine.lookahead} must be >= 0")
     if cfg.learner.prompt_bases < 0:
         raise ValueError(f"learner.prompt_bases={cfg.learner.prompt_bases} must be >= 0 (0 = generated positions only)")
+    _validate_vocab_refresh(cfg.learner)
     if cfg.engine.lookahead > cfg.learner.depth:
         raise ValueError(f"engine.lookahead={cfg.engine.lookahead} exceeds learner.depth={cfg.learner.depth}: "
                          "the draft would propose at depths it is never trained for")
@@ -241,6 +251,18 @@ def validate(cfg: RunConfig) -> None:
                          f"not {cfg.engine.kind!r}")
 
 
+def _validate_vocab_refresh(learner: LearnerSection) -> None:
+    checks = {"learner.vocab_refresh_every": learner.vocab_refresh_every >= 0,
+              "learner.vocab_refresh_min_gain": 0 <= learner.vocab_refresh_min_gain <= 1,
+              "learner.vocab_half_life_tokens": learner.vocab_half_life_tokens >= 1,
+              "learner.vocab_prompt_weight": learner.vocab_prompt_weight >= 0}
+    for key, ok in checks.items():
+        if not ok:
+            value = getattr(learner, key.split(".")[1])
+            raise ValueError(f"{key}={value} is out of range (refresh_every >= 0, min_gain in [0, 1], "
+                             "half_life_tokens >= 1, prompt_weight >= 0)")
+
+
 def _validate_sglang(cfg: RunConfig) -> None:
     """The SGLang server arguments and what launching one per rollout worker needs."""
     from aurora_rl.sglang.args import check_engine_section
@@ -255,6 +277,10 @@ def _validate_sglang(cfg: RunConfig) -> None:
     if engine.context_copy:
         raise ValueError("engine.context_copy=true is not supported with engine.kind=sglang: SGLang's server "
                          "proposes with the EAGLE3 draft only (set engine.context_copy=false)")
+    if cfg.learner.vocab_refresh_every:
+        raise ValueError(f"learner.vocab_refresh_every={cfg.learner.vocab_refresh_every} is not supported with "
+                         "engine.kind=sglang: an SGLang replica keeps the draft vocabulary it was launched with "
+                         "(set learner.vocab_refresh_every=0)")
     options = check_engine_section(engine)
     if options.worker.url is not None:
         return

@@ -51,7 +51,11 @@ def test_end_to_end_run_writes_readable_tensorboard(local_ray, tmp_path):
     from aurora_rl.models.eagle3_io import load_eagle3
     from aurora_rl.runtime.driver import run
 
-    s = run(tiny_config(tmp_path))
+    # The learner also refreshes the draft vocabulary: the new maps travel with the weights and the
+    # rollout workers swap them in while serving.
+    cfg = tiny_config(tmp_path)
+    cfg.learner.vocab_refresh_every = 1
+    s = run(cfg)
     assert s["requests_served"] == 32 and s["counters"]["abandoned_requests"] == 0
     assert s["counters"]["answered"] == s["counters"]["submitted"] == 32
     assert s["final_policy_version"] >= 1 and s["eval"]["prompts"] == 4
@@ -60,6 +64,7 @@ def test_end_to_end_run_writes_readable_tensorboard(local_ray, tmp_path):
     assert len(acc.Scalars("serve/accept_length")) == 32
     for tag in ("serve/tokens_per_s", "learner/losses/ntp", "system/buffer/depth", "system/weights/version"):
         assert tag in tags, tag
+    assert max(e.value for e in acc.Scalars("learner/vocab/refreshes")) >= 1
     assert "config" in " ".join(acc.Tags()["tensors"]) or acc.Tags().get("text")
     assert (tmp_path / "curves.png").stat().st_size > 1000 and (tmp_path / "summary.json").exists()
     assert load_eagle3(tmp_path / "draft").config.draft_vocab_size == 64

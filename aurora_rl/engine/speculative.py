@@ -126,12 +126,38 @@ class SpecDecoder:
         """Swap in new draft weights at a step boundary; slots in flight keep their caches.
 
         Keys/values already cached were computed by the old weights; they are rebuilt as positions are
-        re-fed after the next rejection, and losslessness never depends on the draft.
+        re-fed after the next rejection, and losslessness never depends on the draft. A state may carry a
+        new vocabulary (``d2t``/``t2d``, from a learner that refreshes it): the depth-1 logits held for
+        slots in flight move to the new rows (a token new to the vocabulary gets -inf until the slot's
+        next feed), so their next proposals mean the same tokens.
         """
         with torch.no_grad():
+            old_vocab = self.draft.draft_to_target.clone() if "d2t" in state else None
             for name, t in state.items():
-                self.draft.get_parameter(name).copy_(t)
+                self._draft_tensor(name).copy_(t)
+            if old_vocab is not None and not torch.equal(old_vocab, self.draft.draft_to_target):
+                self._remap_slot_logits(old_vocab)
         self.policy_version = version
+
+    def _draft_tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self.draft.get_parameter(name)
+        except AttributeError:
+            pass
+        try:
+            return self.draft.get_buffer(name)
+        except AttributeError:
+            raise KeyError(f"published draft state has {name!r}, which the serving draft does not have") from None
+
+    def _remap_slot_logits(self, old_vocab: torch.Tensor) -> None:
+        row_of = torch.full((self.draft.config.vocab_size,), -1, dtype=torch.long)
+        row_of[old_vocab] = torch.arange(old_vocab.numel())
+        old_rows = row_of[self.draft.draft_to_target]
+        kept = old_rows >= 0
+        for st in self._state.values():
+            moved = torch.full_like(st.logits, float("-inf"))
+            moved[..., kept] = st.logits[..., old_rows[kept]]
+            st.logits = moved
 
     # ---- Decoder protocol -----------------------------------------------------------------------
     def prefill(self, engine, seqs: list[Sequence]) -> None:

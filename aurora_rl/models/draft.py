@@ -108,16 +108,25 @@ class Eagle3Draft(nn.Module):
         self.t2d.zero_()
         self.t2d[ids] = True
 
-    def remap_vocab(self, target_ids: torch.Tensor, seed: int = 0) -> int:
-        """Refresh the draft vocabulary: rows of tokens kept move along; new tokens start small random.
+    def remap_vocab(self, target_ids: torch.Tensor, seed: int = 0, head_rows: torch.Tensor | None = None) -> int:
+        """Refresh the draft vocabulary: rows of tokens kept move along; new tokens start from
+        ``head_rows`` (a [vocab_size, H] table indexed by target id, e.g. the target's lm_head) or, without
+        it, small random rows.
 
-        Returns how many tokens are new. Optimizer state for lm_head must be reset by the caller.
+        Returns how many tokens are new. The caller moves the optimizer state for lm_head along
+        (``aurora_rl.training.vocab.remap_moments``) or resets it.
         """
         ids = torch.as_tensor(target_ids, dtype=torch.long).sort().values
         old = self.target_to_draft(ids)
-        head = torch.randn(self.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.02
-        head = head.to(self.lm_head.weight.dtype)
         kept = old >= 0
+        if head_rows is None:
+            head = torch.randn(self.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+        else:
+            if tuple(head_rows.shape) != (self.config.vocab_size, self.config.hidden_size):
+                raise ValueError(f"head_rows must be [{self.config.vocab_size}, {self.config.hidden_size}], "
+                                 f"got {list(head_rows.shape)}")
+            head = head_rows[ids].clone()
+        head = head.to(self.lm_head.weight.dtype)
         head[kept] = self.lm_head.weight.data[old[kept]]
         with torch.no_grad():
             self.lm_head.weight.copy_(head)

@@ -33,6 +33,8 @@ def learner_config(section: LearnerSection, algorithm: AlgorithmSection, workloa
         warmup_steps=section.warmup_steps, weight_decay=section.weight_decay, grad_clip=section.grad_clip,
         depth=section.depth, dtype=section.dtype, grad_accum=section.grad_accum,
         replay_ratio=section.replay_ratio, prompt_bases=section.prompt_bases,
+        vocab_refresh_every=section.vocab_refresh_every, vocab_refresh_min_gain=section.vocab_refresh_min_gain,
+        vocab_half_life_tokens=section.vocab_half_life_tokens, vocab_prompt_weight=section.vocab_prompt_weight,
         greedy_verify=workload.temperature == 0.0,
     )
 

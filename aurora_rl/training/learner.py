@@ -21,6 +21,7 @@ from aurora_rl.engine.trace import Trace
 from aurora_rl.models.draft import Eagle3Draft
 from aurora_rl.training.batching import collate
 from aurora_rl.training.ttt import unroll
+from aurora_rl.training.vocab import VocabTracker, remap_moments
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,24 @@ class LearnerConfig:
     """Prompt positions per trace also trained on (sampled when a prompt is longer; 0 = generated
     positions only). Their taps are in the trace already: more rows per served request, at the cost
     of the deeper TTT depths and the head on those rows."""
+    vocab_refresh_every: int = 0
+    """Updates between checks of the draft vocabulary against the recent traffic (0 = the vocabulary
+    stays as it was at day 0); see ``aurora_rl.training.vocab``."""
+    vocab_refresh_min_gain: float = 0.01
+    """Remap only when the best vocabulary covers at least this much more of the recent tokens."""
+    vocab_half_life_tokens: int = 16384
+    """Recent traffic: token counts halve every this many (weighted) tokens counted."""
+    vocab_prompt_weight: float = 0.25
+    """Weight of a prompt token against an emitted one in the counts."""
 
     def __post_init__(self) -> None:
-        for name in ("warmup_steps", "prompt_bases", "depth", "grad_accum", "replay_ratio"):
-            if getattr(self, name) < (0 if name in ("warmup_steps", "prompt_bases") else 1):
+        for name in ("warmup_steps", "prompt_bases", "depth", "grad_accum", "replay_ratio", "vocab_refresh_every",
+                     "vocab_half_life_tokens"):
+            if getattr(self, name) < (0 if name in ("warmup_steps", "prompt_bases", "vocab_refresh_every") else 1):
                 raise ValueError(f"LearnerConfig.{name}={getattr(self, name)} is out of range")
+        if not 0 <= self.vocab_refresh_min_gain <= 1 or self.vocab_prompt_weight < 0:
+            raise ValueError(f"LearnerConfig.vocab_refresh_min_gain={self.vocab_refresh_min_gain} must be in [0, 1] "
+                             f"and vocab_prompt_weight={self.vocab_prompt_weight} >= 0")
         if not self.lr > 0:
             raise ValueError(f"LearnerConfig.lr must be > 0, got {self.lr}")
         if self.grad_clip < 0 or self.weight_decay < 0:
@@ -85,6 +99,11 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.step = 0
         self.policy_version = policy_version
+        self.updates = 0
+        self.vocab = (VocabTracker(draft.config.vocab_size, cfg.vocab_half_life_tokens, cfg.vocab_prompt_weight)
+                      if cfg.vocab_refresh_every and cfg.algorithm != "frozen" else None)
+        """Counts for the vocabulary refresh; none for ``frozen``, whose draft stays what it was, vocabulary too."""
+        self.vocab_refreshes = 0
 
     def _lr(self) -> float:
         c = self.config
@@ -94,6 +113,8 @@ class Learner:
         """One or more optimizer steps on ``traces``; returns metrics (averaged over passes)."""
         t0 = time.perf_counter()
         cfg = self.config
+        self.updates += 1
+        vocab_metrics = self._track_vocab(traces) if self.vocab is not None else {}
         chunks = [traces[i::cfg.grad_accum] for i in range(min(cfg.grad_accum, len(traces)))]
         # Seeded by the step, so a resumed or repeated run samples the same prompt rows.
         gen = torch.Generator().manual_seed(self.step)
@@ -109,7 +130,30 @@ class Learner:
         # Traces with no logged verify steps (SGLang's, recomputed) add no proposal rows: the terms
         # built on proposals (acceptance reward, off-policy correction) get nothing from them.
         totals["learner/traces_without_proposals"] = float(sum(t.verify_steps == 0 for t in traces))
+        totals.update(vocab_metrics)
         return totals
+
+    def _track_vocab(self, traces: list[Trace]) -> dict[str, float]:
+        """Count the traces' tokens; every ``vocab_refresh_every`` updates, remap the draft vocabulary
+        when the recent traffic's most frequent tokens cover enough more (before this batch is collated,
+        so it trains on the new rows)."""
+        cfg = self.config
+        self.vocab.observe(traces)
+        if self.updates % cfg.vocab_refresh_every:
+            return {}
+        best = self.vocab.propose(self.draft)
+        metrics = {"vocab/coverage": best.current_coverage, "vocab/best_coverage": best.coverage}
+        if best.gain >= cfg.vocab_refresh_min_gain and best.gain > 0:
+            head = self.draft.lm_head.weight
+            old_rows = self.draft.target_to_draft(best.target_ids)
+            metrics["vocab/new_tokens"] = float(self.draft.remap_vocab(best.target_ids, head_rows=self.target_head))
+            if head in self.optimizer.state:
+                remap_moments(self.optimizer.state[head], old_rows)
+            self.vocab_refreshes += 1
+            log.info("draft vocabulary refreshed: %d new tokens, coverage of recent traffic %.3f -> %.3f",
+                     int(metrics["vocab/new_tokens"]), best.current_coverage, best.coverage)
+        metrics["vocab/refreshes"] = float(self.vocab_refreshes)
+        return metrics
 
     def _step(self, batches) -> dict[str, float]:
         lr = self._lr()
@@ -146,5 +190,9 @@ class Learner:
         return metrics
 
     def publishable_state(self) -> dict[str, torch.Tensor]:
-        """Trainable draft weights (the frozen embedding and vocab maps stay put on the serving side)."""
-        return {n: p.detach().clone() for n, p in self.draft.named_parameters() if p.requires_grad}
+        """Trainable draft weights, plus the vocabulary maps ``d2t``/``t2d`` when the learner may refresh
+        the vocabulary (the frozen embedding stays put on the serving side)."""
+        state = {n: p.detach().clone() for n, p in self.draft.named_parameters() if p.requires_grad}
+        if self.vocab is not None:
+            state.update(d2t=self.draft.d2t.clone(), t2d=self.draft.t2d.clone())
+        return state
