@@ -16,6 +16,9 @@ place of rare ones inside, with a margin against churn) and applies them when th
 keep their trained head rows and optimizer moments; new tokens start from the target's lm_head rows
 (the day-0 head) with fresh moments. A frozen draft cannot do this; it is part of what adapting to a
 traffic shift means.
+
+The counts are statistics, not state worth a checkpoint: a resumed learner counts afresh (its
+vocabulary itself is in the checkpoint's draft, ``d2t``/``t2d``).
 """
 
 from __future__ import annotations
