@@ -97,3 +97,17 @@ def test_exclude_run_finds_exactly_the_prompts_a_run_served(tmp_path, smollm2_to
     (run / "requests.jsonl").unlink()
     with pytest.raises(SystemExit, match="requests.jsonl"):
         trained_prompts(run, smollm2_tokenizer, 49152)
+
+
+@pytest.mark.unit
+def test_markdown_table_gives_the_median_speedup_and_the_ratio_of_means():
+    from aurora_rl.bench_spec import markdown_table
+
+    row = {"batch": 1, "mean": 35.2, "p50": 30.0, "p5": 20.0, "p95": 60.0, "decode_mean": 54.2,
+           "accept_length": 1.54, "mean_lookahead": 0.89}
+    base = {**row, "lookahead": None, "speedup": 1.0, "decode_speedup": 1.0}
+    spec = {**row, "lookahead": "adaptive+copy", "speedup": 1.11, "speedup_of_means": 1.17, "decode_speedup": 1.19}
+    lines = markdown_table([base, spec]).splitlines()
+    assert "| speedup | ratio of means |" in lines[0]
+    assert lines[2].startswith("| 1 | none |") and "| 1.00x | 1.00x |" in lines[2]
+    assert "| 1.11x | 1.17x | 54.2 | 1.19x | 1.54 | 0.89 |" in lines[3]
