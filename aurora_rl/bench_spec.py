@@ -149,7 +149,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         k = "none" if r["lookahead"] is None else r["lookahead"]
         lines.append(f"| {r['batch']} | {k} | {r['mean']:.1f} | {r['p50']:.1f} | {r['p5']:.1f} | {r['p95']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r.get('speedup_of_means', 1.0):.2f}x | {r['decode_mean']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['speedup_of_means']:.2f}x | {r['decode_mean']:.1f} | "
                      f"{r['decode_speedup']:.2f}x | {r['accept_length']:.2f} | {r['mean_lookahead']:.2f} |")
     return "\n".join(lines)
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         cells = [Cell(target, tokenizer, draft, batch, k, max_lookahead=max_k) for k in [None, *extra, *lookaheads]]
         run_cells(cells, prompts, args.max_tokens, args.repeats)
         base = cells[0].row()
-        base["speedup"] = base["decode_speedup"] = 1.0
+        base["speedup"] = base["decode_speedup"] = base["speedup_of_means"] = 1.0
         rows.append(base)
         for cell in cells[1:]:
             r = cell.row()

@@ -105,7 +105,7 @@ def test_markdown_table_gives_the_median_speedup_and_the_ratio_of_means():
 
     row = {"batch": 1, "mean": 35.2, "p50": 30.0, "p5": 20.0, "p95": 60.0, "decode_mean": 54.2,
            "accept_length": 1.54, "mean_lookahead": 0.89}
-    base = {**row, "lookahead": None, "speedup": 1.0, "decode_speedup": 1.0}
+    base = {**row, "lookahead": None, "speedup": 1.0, "speedup_of_means": 1.0, "decode_speedup": 1.0}
     spec = {**row, "lookahead": "adaptive+copy", "speedup": 1.11, "speedup_of_means": 1.17, "decode_speedup": 1.19}
     lines = markdown_table([base, spec]).splitlines()
     assert "| speedup | ratio of means |" in lines[0]

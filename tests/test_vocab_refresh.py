@@ -124,10 +124,17 @@ def test_hot_swap_of_a_new_vocabulary_moves_held_logits_to_the_new_rows():
         for r, t in enumerate(new_ids.tolist()):
             want = before[slot][..., old_row[t]] if t in old_row else torch.tensor(float("-inf"))
             assert torch.equal(logits[..., r], want.expand_as(logits[..., r]))
+    # A vocabulary with no token in common: nothing to move, the held logits go flat (not all -inf).
+    engine.step()
+    outside = [i for i in range(model.config.vocab_size) if i not in set(new_ids.tolist())]
+    disjoint = make_draft(model, seed=2)
+    disjoint.set_vocab(torch.tensor(outside[: disjoint.config.draft_vocab_size]))
+    decoder.load_draft_state({"d2t": disjoint.d2t.clone(), "t2d": disjoint.t2d.clone()}, version=8)
+    assert decoder._state and all(bool((st.logits == 0).all()) for st in decoder._state.values())
     while engine.has_work():  # serving goes on under the new vocabulary
         engine.step()
     with pytest.raises(KeyError, match="bogus"):
-        decoder.load_draft_state({"bogus": torch.zeros(1)}, version=8)
+        decoder.load_draft_state({"bogus": torch.zeros(1)}, version=9)
 
 
 @pytest.mark.unit

@@ -129,7 +129,7 @@ class SpecDecoder:
         re-fed after the next rejection, and losslessness never depends on the draft. A state may carry a
         new vocabulary (``d2t``/``t2d``, from a learner that refreshes it): the depth-1 logits held for
         slots in flight move to the new rows (a token new to the vocabulary gets -inf until the slot's
-        next feed), so their next proposals mean the same tokens.
+        next feed, or all get 0 when no token stays), so their next proposals mean the same tokens.
         """
         with torch.no_grad():
             old_vocab = self.draft.draft_to_target.clone() if "d2t" in state else None
@@ -154,8 +154,10 @@ class SpecDecoder:
         row_of[old_vocab] = torch.arange(old_vocab.numel())
         old_rows = row_of[self.draft.draft_to_target]
         kept = old_rows >= 0
+        # With no token kept there is nothing to move: flat logits (every -inf would sample NaN).
+        fill = float("-inf") if bool(kept.any()) else 0.0
         for st in self._state.values():
-            moved = torch.full_like(st.logits, float("-inf"))
+            moved = torch.full_like(st.logits, fill)
             moved[..., kept] = st.logits[..., old_rows[kept]]
             st.logits = moved
 
