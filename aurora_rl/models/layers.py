@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aurora_rl.models import cpu_kernels
+from aurora_rl.models import cpu_kernels, quant
 
 
 
@@ -31,6 +31,16 @@ class Linear(nn.Linear):
         self._native_key: tuple | None = None
         self._native_call = None
         self._packed: torch.Tensor | None = None
+        self.quant: quant.QuantWeight | None = None
+        """Quantized weight that inference passes (no grad) run on, whatever their row count; the float
+        weight holds its dequantized values for training. Set with ``set_quant``."""
+        self._quant_calls: dict = {}
+
+    def set_quant(self, qw: "quant.QuantWeight | None") -> None:
+        """Run inference on ``qw`` (the caller keeps the float weight equal to its dequantized values)."""
+        if qw is not None and (qw.n, qw.k) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight [{qw.n}, {qw.k}] does not fit Linear({self.in_features}, {self.out_features})")
+        self.quant, self._quant_calls = qw, {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Hot path of decoding (~120 calls a token): parameters are read from _parameters directly,
@@ -38,6 +48,15 @@ class Linear(nn.Linear):
         params = self._parameters
         w, bias = params["weight"], params["bias"]
         rows = x.numel() // self.in_features
+        if self.quant is not None and rows > 0 and x.dtype == w.dtype and not torch.is_grad_enabled():
+            call = self._quant_call(x.dtype)
+            if call is not None:
+                x = x.contiguous()
+                y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=x.dtype)
+                call(x.data_ptr(), y.data_ptr(), rows)
+                if bias is not None:
+                    y += bias
+                return y
         if 0 < rows <= cpu_kernels.max_rows() and x.dtype == w.dtype and not torch.is_grad_enabled():
             call = self._native(w)
             if call is not None:
@@ -48,6 +67,13 @@ class Linear(nn.Linear):
                     y += bias
                 return y
         return F.linear(x, w, bias)
+
+    def _quant_call(self, dtype: torch.dtype):
+        call = self._quant_calls.get(dtype, False)
+        if call is False:
+            ok = dtype in (torch.float32, torch.bfloat16) and quant.available()
+            call = self._quant_calls[dtype] = quant.gemv_caller(self.quant, dtype) if ok else None
+        return call
 
     def _native(self, w: torch.Tensor):
         """The kernel call over a packed copy of the weight ``w``, rebuilt when the weight is replaced or

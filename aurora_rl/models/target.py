@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aurora_rl.models import cpu_kernels
+from aurora_rl.models import cpu_kernels, quant
 from aurora_rl.models.config import ModelConfig
 from aurora_rl.models.kv_cache import CachePlan, SlotKVCache
 from aurora_rl.models.layers import (GatedMLP, Linear, RMSNorm, RotaryTable, attend_grouped, causal_mask, group_mask,
@@ -105,8 +105,16 @@ class DecoderLayer(nn.Module):
         """This layer's weights for ``cpu_kernels.decoder_layer``, or None when it cannot run fused
         (q/k norms, weights the kernels cannot pack)."""
         a, m = self.attn, self.mlp
-        packed = [lin.packed_weight() for lin in (a.qkv, a.o, m.gate_up, m.down)]
-        if a.q_norm is not None or any(p is None for p in packed):
+        linears = (a.qkv, a.o, m.gate_up, m.down)
+        if a.q_norm is not None:
+            return None
+        if any(lin.quant is not None for lin in linears):  # quantized: all four, or the step-by-step path
+            if any(lin.quant is None for lin in linears) or not quant.available():
+                return None
+            return (self.input_norm.weight, self.post_norm.weight, a.qkv.quant, a.qkv.bias, a.o.quant,
+                    m.gate_up.quant, m.down.quant)
+        packed = [lin.packed_weight() for lin in linears]
+        if any(p is None for p in packed):
             return None
         return (self.input_norm.weight, self.post_norm.weight, packed[0], a.qkv.bias, *packed[1:])
 
@@ -145,6 +153,30 @@ class TargetModel(nn.Module):
         self.rope.to(dtype)
         return self
 
+    def attach_quant(self, blocks: dict[str, "quant.QuantBlocks"]) -> None:
+        """Run the Linear modules named in ``blocks`` (``layers.3.attn.qkv``, ``lm_head``, ...) on those
+        quantized blocks; their float weights take the blocks' dequantized values (a tied lm_head's
+        embedding too), so that every path computes the same model."""
+        modules = dict(self.named_modules())
+        for name, b in blocks.items():
+            lin = modules.get(name)
+            if not isinstance(lin, Linear):
+                raise ValueError(f"{name!r} is not a Linear of this model; quantizable: "
+                                 f"{[n for n, m in modules.items() if isinstance(m, Linear)][:4]}...")
+            with torch.no_grad():
+                lin.weight.copy_(b.dequantize().to(lin.weight.dtype))
+            lin.set_quant(quant.QuantWeight.of(b))
+        self._fused_key = self._fused = None
+
+    def quant_summary(self) -> dict[str, int]:
+        """How many Linear modules run in each weight format ("none": float)."""
+        out: dict[str, int] = {}
+        for m in self.modules():
+            if isinstance(m, Linear):
+                kind = m.quant.kind if m.quant is not None else "none"
+                out[kind] = out.get(kind, 0) + 1
+        return out
+
     def new_cache(self, num_slots: int, max_len: int | None = None) -> SlotKVCache:
         c = self.config
         return SlotKVCache(c.num_layers, num_slots, c.num_kv_heads, c.head_dim,
@@ -177,7 +209,8 @@ class TargetModel(nn.Module):
         weights, streams, work = fused
         c = self.config
         resid, mlp_out = streams[0, i], streams[1, i]
-        cpu_kernels.decoder_layer(
+        layer_fn = quant.decoder_layer if isinstance(weights[i][2], quant.QuantWeight) else cpu_kernels.decoder_layer
+        layer_fn(
             x, pending, resid, mlp_out, weights[i], self.rope.cos, self.rope.sin, ctx.positions, ctx.plan.slots,
             ctx.cache.k[i], ctx.cache.v[i], ctx.plan.kv_len, work,
             (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size), c.rms_norm_eps)
