@@ -24,6 +24,11 @@ class ModelSection:
     dtype: str = "auto"
     """Target weights dtype on the serving side: auto (bfloat16 where the CPU or GPU computes it natively,
     else float32; see ``aurora_rl.models.dtypes``), bfloat16 or float32."""
+    quant: str = "auto"
+    """Target weight format: auto (a GGUF's own q8_0 / q4_1 blocks where the kernels take them: the
+    embedded SmolLM2 runs its shipped Q4_1 file as stored; float for float checkpoints), none (float
+    weights in ``dtype``), q8_0 or q4_1 (every projection quantized to that format). Speculation is
+    lossless against the target served this way. See ``aurora_rl.models.quant``."""
     draft: str = "random"
     """``random`` (day 0) or the path of an EAGLE3 draft folder."""
     draft_vocab_size: int = 8192
@@ -191,6 +196,7 @@ class RunConfig:
 
 CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float32"),
+    "model.quant": ("auto", "none", "q8_0", "q4_1"),
     "model.draft_head_init": ("target", "random"),
     "engine.kind": ("native", "sglang"),
     "engine.trace_dtype": ("bfloat16", "float16", "float32"),
