@@ -197,6 +197,7 @@ def run_batch(models: dict, tokenizer, draft, prompts: list, batch: int, args, p
             row["accept_length"] = statistics.mean(o.accept_length for o in outs)
             row["mean_lookahead"] = sum(o.draft_tokens for o in outs) / max(sum(o.verify_steps for o in outs), 1)
             row["controller_costs_ms"] = [round(1e3 * c, 2) for c in cell.controller.costs(batch)]
+            row["greedy_identical_to_plain"] = sum(a.output_ids == b.output_ids for a, b in zip(outs, plain.outs))
         if peer is not None and batch == 1 and name in ("q4_1", "llama.cpp q4_1"):
             other = cells["llama.cpp q4_1" if name == "q4_1" else "q4_1"]
             row["same_tokens_as_other_q4_1"] = [first_difference(a.output_ids, b.output_ids)
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
         for b in result["batches"]:
             for r in b["rows"]:
                 if "controller_costs_ms" in r:
-                    print(f"batch {b['batch']} {r['config']}: controller's step cost by k (ms) {r['controller_costs_ms']}")
+                    print(f"batch {b['batch']} {r['config']}: controller's step cost by k (ms) {r['controller_costs_ms']}; "
+                          f"greedy outputs identical to plain: {r['greedy_identical_to_plain']}/{r['requests']}")
                 if "same_tokens_as_other_q4_1" in r and r["config"] == "q4_1":
                     print(f"ours q4_1 vs llama.cpp q4_1: first differing token per request {r['same_tokens_as_other_q4_1']}")
     if "ppl" in sections:
