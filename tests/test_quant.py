@@ -136,8 +136,12 @@ def test_quantized_tiny_target_paths_agree_and_speculation_is_lossless(kind):
 
 @pytest.mark.unit
 def test_bad_quant_choice_names_the_options(tmp_path):
+    from aurora_rl.config import ModelSection, RunConfig, validate
+
     with pytest.raises(ValueError, match="q5_0.*auto.*none.*q8_0.*q4_1"):
         load_target(tmp_path, torch.float32, quant="q5_0")
+    with pytest.raises(ValueError, match="model.quant='q5_0'.*auto.*none.*q8_0.*q4_1"):
+        validate(RunConfig(model=ModelSection(quant="q5_0"), output_dir=str(tmp_path)))
 
 
 @pytest.mark.smoke
