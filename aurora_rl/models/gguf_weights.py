@@ -96,7 +96,7 @@ def read_tensors(path: Path, hf: dict) -> dict[str, QuantBlocks | torch.Tensor]:
         shape = [int(s) for s in reversed(t.shape)]  # GGUF lists dimensions innermost first
         kind = _BLOCK_TYPES.get(t.tensor_type.name)
         if kind is not None:
-            value = from_gguf(kind, torch.from_numpy(np.asarray(t.data)).view(torch.uint8), *shape)
+            value = from_gguf(kind, torch.from_numpy(np.array(t.data)).view(torch.uint8), *shape)  # a copy: the map is read-only
         else:
             value = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).view(shape)
         if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
