@@ -37,8 +37,25 @@ def init_ray(cfg: RunConfig) -> bool:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
+        start_local_ray(cfg.cluster.num_cpus)
     return True
+
+
+def start_local_ray(num_cpus: int | None) -> None:
+    """A one-machine Ray whose servers (GCS, raylet, object manager, workers) listen on 127.0.0.1 only.
+
+    Ray binds its gRPC servers to the node address, and ``ray.init`` replaces a loopback
+    ``_node_ip_address`` with the machine's external address (for multi-node clusters); a local
+    cluster has no other node, so that replacement is skipped while this call starts it.
+    """
+    from ray._private import services
+
+    resolve = services.resolve_ip_for_localhost
+    services.resolve_ip_for_localhost = lambda host: host
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    finally:
+        services.resolve_ip_for_localhost = resolve
 
 
 def rollout_worker_class(cfg: RunConfig, out: Path) -> tuple[type, dict[str, Any]]:

@@ -60,17 +60,17 @@ class ChatMessage(_Strict):
 class _SamplingRequest(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    """Omitted means 1.0, as OpenAI does; 0 is greedy."""
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    """Omitted means 1.0, as OpenAI does; 0 is greedy; OpenAI's range is [0, 2]."""
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     logprobs: bool | int | None = None
     # Extensions (the openai client sends them through ``extra_body``).
     top_k: int = Field(0, ge=0)
