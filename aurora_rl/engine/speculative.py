@@ -139,6 +139,16 @@ class SpecDecoder:
                 self._remap_slot_logits(old_vocab)
         self.policy_version = version
 
+    def swap_draft(self, draft: Eagle3Draft, version: int) -> None:
+        """Serve ``draft`` (built and validated off the engine thread, ``aurora_rl.engine.hot_swap``) from
+        the next step on: a reference swap at a step boundary, so no step ever sees two versions' weights.
+        Caches and held logits stay, as in ``load_draft_state``."""
+        old_vocab = self.draft.draft_to_target
+        self.draft = draft.eval()
+        if not torch.equal(old_vocab, draft.draft_to_target):
+            self._remap_slot_logits(old_vocab)
+        self.policy_version = version
+
     def _draft_tensor(self, name: str) -> torch.Tensor:
         try:
             return self.draft.get_parameter(name)

@@ -85,6 +85,22 @@ class StreamDetokenizer:
         return final_text[len(self.sent):]
 
 
+class TokenIdText:
+    """The text of a model without a tokenizer (the tiny random target): token ids written as numbers.
+
+    Prompts must then be token ids; output text is the ids separated by spaces, so streamed and
+    non-streamed answers can still be compared as text."""
+
+    def encode(self, text: str) -> list[int]:
+        raise ValueError("this model has no tokenizer: send the prompt as a list of token ids")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"{i} " for i in ids)
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise ValueError("this model has no tokenizer, so no chat template: use /v1/completions with token ids")
+
+
 def stop_prefix_len(text: str, stop: tuple[str, ...]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
     best = 0
@@ -112,7 +128,8 @@ class _Front:
 
     def __init__(self, backend: Backend, tokenizer: Any, model_name: str, api_key: str | None,
                  default_max_tokens: int) -> None:
-        self.backend, self.tokenizer, self.model_name = backend, tokenizer, model_name
+        self.backend, self.model_name = backend, model_name
+        self.tokenizer = tokenizer if tokenizer is not None else TokenIdText()
         self.api_key, self.default_max_tokens = api_key, default_max_tokens
         self.counts: Counter = Counter()
         self.created = int(time.time())
@@ -154,7 +171,12 @@ class _Front:
 
     def prompt_ids(self, req: CompletionRequest | ChatRequest) -> list[int]:
         if isinstance(req, CompletionRequest):
-            return req.prompt if isinstance(req.prompt, list) else list(self.tokenizer.encode(req.prompt))
+            if isinstance(req.prompt, list):
+                return req.prompt
+            try:
+                return list(self.tokenizer.encode(req.prompt))
+            except ValueError as exc:
+                raise ApiError(400, str(exc), "prompt") from exc
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         for m in messages:
             m["role"] = "system" if m["role"] == "developer" else m["role"]
@@ -226,7 +248,8 @@ class _Front:
         out = await waiting
         if out.finish_reason == "error":
             raise self.engine_error(out)
-        return JSONResponse(call.fmt.body(call.fmt.choice(out.text, out.finish_reason), **self.stats(out)))
+        text = out.text if out.text is not None else self.tokenizer.decode(out.output_ids, skip_special_tokens=True)
+        return JSONResponse(call.fmt.body(call.fmt.choice(text, out.finish_reason), **self.stats(out)))
 
     async def stream(self, call: _Call) -> AsyncIterator[str]:
         extra = {"usage": None} if call.include_usage else {}
