@@ -70,7 +70,8 @@ class RolloutWorker:
             from aurora_rl.engine.adaptive import AdaptiveLookahead
 
             AdaptiveLookahead(engine.lookahead).attach(self.decoder)
-        self.engine = LLMEngine(target, EngineConfig(engine.num_slots, engine.max_len), self.tokenizer, self.decoder)
+        self.engine = LLMEngine(target, EngineConfig(engine.num_slots, engine.max_len, engine.deterministic),
+                                self.tokenizer, self.decoder)
         self._lock = threading.Lock()
         self._trace_lock = threading.Lock()
         self._held: list[Trace] = []

@@ -53,6 +53,7 @@ class WorkerRouter:
         """Streaming calls in flight per worker: below its ``max_concurrency``, so pings still get a thread."""
         self.alive = [True] * len(workers)
         self.load = [0] * len(workers)
+        self.routed = [0] * len(workers)
         self.where: dict[str, int] = {}
         self._sent: dict[str, int] = {}
         self.counts: Counter = Counter()
@@ -96,16 +97,16 @@ class WorkerRouter:
 
     def health(self) -> dict:
         with self._lock:
-            alive, load = list(self.alive), list(self.load)
+            alive, load, routed = list(self.alive), list(self.load), list(self.routed)
         extra = self.extra_health() if self.extra_health else {}
         degraded = list(extra.pop("degraded", []))
         if not all(alive):
             degraded.append(f"rollout workers down: {[i for i, a in enumerate(alive) if not a]}")
         ok = any(alive)
         status = "no rollout worker available" if not ok else ("degraded" if degraded else "ok")
+        workers = [{"alive": a, "in_flight": n, "routed": r} for a, n, r in zip(alive, load, routed)]
         return {"ok": ok, "status": status, "degraded": degraded, "in_flight": sum(load),
-                "policy_version": self.version, "workers": [{"alive": a, "in_flight": n} for a, n in zip(alive, load)],
-                "routing": dict(self.counts), **extra}
+                "policy_version": self.version, "workers": workers, "routing": dict(self.counts), **extra}
 
     # ---- routing --------------------------------------------------------------------------------
     def _pick(self, deadline: float) -> int:
@@ -154,6 +155,7 @@ class WorkerRouter:
                 raise (PromptTooLongError if first["kind"] == "PromptTooLongError" else ValueError)(first["error"])
             self.where[request_id] = index
             self.counts["routed"] += 1
+            self.routed[index] += 1
             return index, gen
 
     def _pump(self, call, request_id: str, prompt: list[int], params: SamplingParams, on_delta: DeltaFn | None,
