@@ -154,11 +154,24 @@ def _kill_and_recover(server: Server, load: Load, which: str) -> None:
              server)
 
 
+def _non_loopback_listeners(pid: int) -> list[str]:
+    """Listening TCP sockets of the server's process tree (the HTTP front, Ray's GCS, raylet, workers)
+    bound to anything but loopback."""
+    import psutil
+
+    tree = {pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))}
+    listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.pid in tree]
+    assert len(listening) >= 3, listening  # the front, and Ray's servers
+    return [f"{c.laddr.ip}:{c.laddr.port} (pid {c.pid})" for c in listening
+            if c.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+
+
 @pytest.mark.smoke
 def test_serve_survives_sigkill_of_worker_and_learner_and_resumes_after_sigterm(tmp_path):
     state = tmp_path / "state"
     server = Server(tmp_path, state, "first")
     try:
+        assert not _non_loopback_listeners(server.proc.pid)
         load = Load(server.url)
         wait_for(lambda: server.health()["policy_version"] >= 1, 180, "the first learned draft", server)
         _kill_and_recover(server, load, "worker")

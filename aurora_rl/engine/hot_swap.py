@@ -2,8 +2,9 @@
 
 The engine thread only ever does ``apply()`` at a step boundary: when a new draft is ready it is handed
 to ``SpecDecoder.swap_draft`` (a reference assignment, plus moving the held depth-1 logits when the
-vocabulary changed), so serving stalls for microseconds, not for the copy and the repacking of the
-weights for the native kernels. Everything slow runs in the swapper's thread:
+vocabulary changed), so serving stalls for well under a millisecond, not for the copy and the
+repacking of the weights for the native kernels. Everything slow runs in the swapper's thread,
+freeing the replaced draft too:
 
 1. ``fetch(version)`` returns ``(newer_version, state)`` or None (injected: the rollout worker reads
    the WeightStore through Ray; the engine never imports Ray).
@@ -106,6 +107,7 @@ class DraftSwapper:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._skip_through = -1  # versions refused are not fetched again
+        self._retired: list[Eagle3Draft] = []
         self._thread = threading.Thread(target=self._run, name="draft-swapper", daemon=True)
 
     def start(self) -> "DraftSwapper":
@@ -127,7 +129,10 @@ class DraftSwapper:
         if ready is None or ready[0] <= self.decoder.policy_version:
             return False
         t0 = time.perf_counter()
-        self.decoder.swap_draft(ready[1], ready[0])
+        retired = self.decoder.swap_draft(ready[1], ready[0])
+        with self._lock:
+            self._retired.append(retired)  # freed in the swapper's thread, not here
+        self._wake.set()
         s = self.stats
         s.stall_ms = (time.perf_counter() - t0) * 1000
         s.max_stall_ms = max(s.max_stall_ms, s.stall_ms)
@@ -163,6 +168,9 @@ class DraftSwapper:
         while not self._stop.is_set():
             self._wake.wait(self.idle_poll_s)
             self._wake.clear()
+            with self._lock:
+                retired, self._retired = self._retired, []
+            del retired  # the old drafts' tensors are freed here, off the engine thread
             if self._stop.is_set():
                 break
             try:

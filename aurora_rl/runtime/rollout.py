@@ -80,7 +80,6 @@ class RolloutWorker:
         self.blocked_s, self.traces_sent = 0.0, 0
         self.swapper = DraftSwapper(self.decoder, self._fetch_weights).start()
         self.loop = EngineLoop(self.engine, before_step=self._before_step).start()
-        self._http = None
 
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, requests: list[tuple[str, list[int], dict]]) -> list[str]:
@@ -190,14 +189,7 @@ class RolloutWorker:
             self.traces_sent += taken
             self._held = self._held[taken:]
 
-    # ---- serving over HTTP, evaluation ----------------------------------------------------------
-    def start_http(self, host: str, port: int, api_key: str | None, model_name: str) -> str:
-        from aurora_rl.serving.http import create_app, serve
-
-        app = create_app(self.loop, self.tokenizer, model_name, api_key=api_key)
-        self._http = serve(app, host=host, port=port)
-        return self._http.url
-
+    # ---- evaluation ----------------------------------------------------------
     def evaluate(self, prompts: list[list[int]], params: dict, lookahead: int | None, batch_size: int) -> list[dict]:
         """Serve ``prompts`` ``batch_size`` at a time with the given lookahead (None: adaptive, over
         0..``engine.lookahead``, with a fresh controller unless the worker already runs one); no traces
@@ -220,8 +212,6 @@ class RolloutWorker:
         return results
 
     def shutdown(self) -> None:
-        if self._http is not None:
-            self._http.stop()
         self.swapper.stop()
         self.loop.stop()
         for seq in list(self.engine.scheduler.running.values()):
