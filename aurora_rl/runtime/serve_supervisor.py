@@ -75,7 +75,7 @@ class ServeSupervisor:
         self.buffer_depth = int(buffer["buffer/depth"])
         if self.router is not None:
             self.router.version = self.version
-        self._refresh_pids()
+        self._poll_workers()
         if self.logger is not None:
             self.logger.scalars({**store, **buffer, "draft_age_s": self.draft_age_s()}, prefix="system/")
             if self.router is not None:
@@ -106,13 +106,23 @@ class ServeSupervisor:
             for m in res["metrics"]:
                 self.logger.scalars(m, prefix="learner/")
 
-    def _refresh_pids(self) -> None:
+    def _poll_workers(self) -> None:
+        """Process ids, and each worker's ``poll``: it ships traces an idle engine still holds, and its
+        stats (swaps, swap stall, backpressure) go to TensorBoard."""
         pids: dict[str, Any] = {"workers": []}
-        for w in self.actors["workers"]:
+        for i, w in enumerate(self.actors["workers"]):
+            pid = stats = None
             try:
-                pids["workers"].append(ray.get(w.pid.remote(), timeout=10))
+                pid = ray.get(w.pid.remote(), timeout=10)
+                stats = ray.get(w.poll.remote(), timeout=30)["stats"]
             except (*_GONE, GetTimeoutError):
-                pids["workers"].append(None)
+                pass  # down or restarting: the router counts it; nothing to log this second
+            pids["workers"].append(pid)
+            if stats is None:
+                continue
+            if self.logger is not None:
+                self.logger.scalars({k: v for k, v in stats.items() if not k.startswith("spec/")},
+                                    prefix=f"system/worker{i}/")
         if self.learn and self.learner_state == "running":
             try:
                 pids["learner"] = ray.get(self.actors["learner"].pid.remote(), timeout=10)
