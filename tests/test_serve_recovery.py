@@ -137,7 +137,10 @@ def _kill_and_recover(server: Server, load: Load, which: str) -> None:
     version = before["policy_version"]
     pid = before["processes"]["workers"][0] if which == "worker" else before["processes"]["learner"]
     assert pid, before
-    wait_for(lambda: server.health()["in_flight"] > 0, 60, "requests in flight", server)
+    # Kill while the victim has work: worker 0 with requests of its own in flight.
+    busy = (lambda: server.health()["workers"][0]["in_flight"] > 0) if which == "worker" else \
+        (lambda: server.health()["in_flight"] > 0)
+    wait_for(busy, 60, f"requests in flight before killing the {which}", server)
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
     # The port answers again (here: a request is answered) within 30 s.
