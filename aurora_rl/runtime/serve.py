@@ -124,7 +124,9 @@ def run_server(cfg: RunConfig, host: str, port: int, learn: bool, api_key: str |
             supervisor.router = router
             supervisor.start()
             name = cfg.model.target if cfg.model.target != "smollm2" else "SmolLM2-135M-Instruct"
-            handle = http_serve(create_app(router, tokenizer, name, api_key=api_key), host=host, port=port)
+            app = create_app(router, tokenizer, name, api_key=api_key)
+            supervisor.request_counts = app.state.front.counts  # answered, rejected, retryable errors, aborts
+            handle = http_serve(app, host=host, port=port)
             print(f"serving {name} at {handle.url}/v1 (learning {'on' if learn else 'off'}, state {state}); "
                   "Ctrl-C or SIGTERM to stop", flush=True)
             stop.event.wait(duration_s)

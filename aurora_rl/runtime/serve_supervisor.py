@@ -8,7 +8,8 @@
   draft came for ``stall_after_s``.
 - Process ids of the workers and the learner (``/health`` ``processes``: what an operator's watchdog
   or the fault-injection tests use).
-- TensorBoard: ``serve/`` routing counters, ``learner/`` metrics, ``system/`` store, buffer and worker
+- TensorBoard: ``serve/routing_*`` (retries, cut streams, worker failures and returns) and
+  ``serve/requests_*`` (accepted, rejected, retryable errors, aborted) counters, ``learner/`` metrics, ``system/`` store, buffer and worker
   scalars.
 ``save(state_dir)`` stops the learner, checkpoints it and exports the EAGLE3 draft (on SIGINT/SIGTERM).
 """
@@ -38,6 +39,8 @@ class ServeSupervisor:
         self.actors, self.learn, self.batch_traces, self.stall_after_s = actors, learn, batch_traces, stall_after_s
         self.logger = logger
         self.router = None
+        self.request_counts: dict[str, int] = {}
+        """The HTTP front's request counters (set once it exists)."""
         self.learner_state = "running" if learn else "off"
         self.learner_restarts = 0
         self.learner_error: str | None = None
@@ -79,7 +82,8 @@ class ServeSupervisor:
         if self.logger is not None:
             self.logger.scalars({**store, **buffer, "draft_age_s": self.draft_age_s()}, prefix="system/")
             if self.router is not None:
-                self.logger.scalars({k: float(v) for k, v in self.router.counts.items()}, prefix="serve/")
+                self.logger.scalars({k: float(v) for k, v in self.router.counts.items()}, prefix="serve/routing_")
+            self.logger.scalars({k: float(v) for k, v in self.request_counts.items()}, prefix="serve/requests_")
             self.logger.scalars({"learner_restarts": float(self.learner_restarts)}, prefix="system/")
 
     def _watch_learner(self) -> None:
