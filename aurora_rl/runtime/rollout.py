@@ -181,8 +181,9 @@ class RolloutWorker:
         with self._trace_lock:
             if not self._held:
                 return
-            # Owned by the buffer, not by this worker: traces already shipped outlive a worker crash.
-            entries = [Entry([ray.put(t, _owner=self.buffer)], t.nbytes(),
+            # This worker owns the objects: a crash loses the traces not yet trained on (the learner counts
+            # and skips them: learner info ``lost_traces``). Ray 2.56 removed ``ray.put(_owner=...)``.
+            entries = [Entry([ray.put(t)], t.nbytes(),
                              int(t.policy_version.max()) if t.verify_steps else self.decoder.policy_version,
                              t.request_id) for t in self._held]
             taken = ray.get(self.buffer.put.remote(entries))
