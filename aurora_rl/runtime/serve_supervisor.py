@@ -149,7 +149,8 @@ class ServeSupervisor:
                 "learner": {"state": self.learner_state, "restarts": self.learner_restarts,
                             "last_error": self.learner_error,
                             "policy_version": self.learner_info.get("policy_version"),
-                            "step": self.learner_info.get("step")},
+                            "step": self.learner_info.get("step"),
+                            "lost_traces": self.learner_info.get("lost_traces")},
                 "processes": self.pids}
 
     # ---- stopping -------------------------------------------------------------------------------
