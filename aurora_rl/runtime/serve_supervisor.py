@@ -125,7 +125,7 @@ class ServeSupervisor:
             if stats is None:
                 continue
             if self.logger is not None:
-                self.logger.scalars({k: v for k, v in stats.items() if not k.startswith("spec/")},
+                self.logger.scalars({k.removeprefix("system/"): v for k, v in stats.items() if k.startswith("system/")},
                                     prefix=f"system/worker{i}/")
         if self.learn and self.learner_state == "running":
             try:
