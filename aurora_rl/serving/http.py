@@ -50,8 +50,8 @@ from aurora_rl.engine.engine import PromptTooLongError
 from aurora_rl.engine.sequence import RequestOutput
 from aurora_rl.serving.backend import RETRYABLE_PREFIX, Backend, LocalBackend
 from aurora_rl.serving.loop import EngineLoop
-from aurora_rl.serving.openai_types import (ApiError, ChatRequest, CompletionRequest, ResponseFormat, sse,
-                                            validation_error)
+from aurora_rl.serving.openai_types import (ApiError, ChatRequest, CompletionRequest, ResponseFormat,
+                                            check_content_type, check_room, sse, validation_error)
 
 log = logging.getLogger(__name__)
 
@@ -279,23 +279,6 @@ class _Front:
         ok = body.pop("ok")
         body = {"status": body.pop("status"), "model": self.model_name, **body, "requests": dict(self.counts)}
         return JSONResponse(body, status_code=200 if ok else 503)
-
-
-def check_content_type(value: str | None) -> None:
-    """A request body must be declared JSON (as OpenAI's and vLLM's servers require)."""
-    media = (value or "").split(";")[0].strip().lower()
-    if media != "application/json":
-        raise ApiError(415, f"content-type {value!r} is not supported: send the body as application/json",
-                       "content-type", code="unsupported_media_type")
-
-
-def check_room(req: CompletionRequest | ChatRequest, max_tokens: int, prompt_len: int, max_len: int) -> None:
-    """A max_tokens the context cannot hold after the prompt is refused, not silently cut."""
-    if prompt_len + max_tokens > max_len:
-        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
-        raise ApiError(400, f"{field}={max_tokens} is too large: the prompt has {prompt_len} tokens and the "
-                       f"context limit is {max_len}, so at most {max_len - prompt_len} new tokens fit",
-                       field, code="context_length_exceeded")
 
 
 def create_app(backend: Backend | EngineLoop, tokenizer: Any, model_name: str, api_key: str | None = None,

@@ -129,6 +129,23 @@ class ChatRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+def check_content_type(value: str | None) -> None:
+    """A request body must be declared JSON (as OpenAI's and vLLM's servers require)."""
+    media = (value or "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"content-type {value!r} is not supported: send the body as application/json",
+                       "content-type", code="unsupported_media_type")
+
+
+def check_room(req: CompletionRequest | ChatRequest, max_tokens: int, prompt_len: int, max_len: int) -> None:
+    """A max_tokens the context cannot hold after the prompt is refused, not silently cut."""
+    if prompt_len + max_tokens > max_len:
+        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        raise ApiError(400, f"{field}={max_tokens} is too large: the prompt has {prompt_len} tokens and the "
+                       f"context limit is {max_len}, so at most {max_len - prompt_len} new tokens fit",
+                       field, code="context_length_exceeded")
+
+
 def _param(loc: tuple) -> str:
     out = ""
     for part in loc:
