@@ -35,7 +35,7 @@ class ExternalEngineWorker:
                  initial: tuple[int, list], buffer: Any, weight_store: Any, seed: int = 0, threads: int = 1,
                  export_dir: str | None = None) -> None:
         torch.set_num_threads(max(1, engine.threads or threads))
-        self.index, self.store = index, weight_store
+        self.index, self.store, self.seed = index, weight_store, seed
         target, _ = load_target_model(model, seed)
         if torch.cuda.is_available():  # the recompute prefill runs beside the engine, on this worker's GPU
             target = target.to("cuda")
