@@ -12,6 +12,8 @@ One vLLM engine serves the whole module (starting one costs tens of seconds on t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -54,13 +56,17 @@ def setup(tmp_path_factory):
 
 
 def test_vllm_proposes_what_our_engine_proposes_with_the_exported_draft(setup):
-    from aurora_rl.vllm_engine.fidelity import accept_length, compare, ours, vllm_steps
+    from aurora_rl.vllm_engine.fidelity import accept_length, chain_with_margins, compare, ours, vllm_steps
 
     a = ours(setup["target"], setup["draft"], setup["prompts"], LOOKAHEAD, MAX_TOKENS)
     b = vllm_steps(setup["llm"], setup["prompts"], MAX_TOKENS)
     agg = compare(a, b)
     assert agg.steps_compared >= 3 * 5  # several steps per request were compared
-    assert agg.first_divergence == [], agg.first_divergence
+    for d in agg.first_divergence:  # where they part, how close our draft was to a tie
+        tokens = setup["prompts"][d["request"]] + a[d["request"]].output_ids
+        d["ours_fresh"], d["gaps"] = chain_with_margins(setup["target"], setup["draft"],
+                                                        tokens[: d["context_length"]], LOOKAHEAD)
+    assert agg.first_divergence == [], json.dumps(agg.first_divergence)
     assert agg.outputs_equal == agg.requests
     assert [len(r.proposals) for r in a] == [len(r.proposals) for r in b]
     assert accept_length(a) == pytest.approx(accept_length(b))

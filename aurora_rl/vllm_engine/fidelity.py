@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 @dataclass
 class RequestSteps:
@@ -20,6 +22,8 @@ class RequestSteps:
 
     output_ids: list[int]
     proposals: list[list[int]]
+    context_lengths: list[int] | None = None
+    """Tokens (prompt + output) before each step, when known (ours: from the trace's base positions)."""
 
 
 @dataclass
@@ -57,7 +61,7 @@ def ours(target, draft, prompts: list[list[int]], lookahead: int, max_tokens: in
     for out in outs:
         t = traces[out.request_id]
         props = [[int(x) for x in row[: int(k)]] for row, k in zip(t.proposals, t.lookahead)]
-        result.append(RequestSteps(list(out.output_ids), props))
+        result.append(RequestSteps(list(out.output_ids), props, [int(i) + 2 for i in t.step_position]))
     return result
 
 
@@ -77,8 +81,9 @@ def vllm_steps(llm, prompts: list[list[int]], max_tokens: int) -> list[RequestSt
     steps = llm.collective_rpc(rpc.take_proposals)[0]
     by_rid: dict[str, list[list[int]]] = {}
     for step in steps:
-        for rid, props in step:
-            by_rid.setdefault(rid, []).append(list(props))
+        for internal, props in step:
+            # the engine core suffixes each request id ("<id>-<8 hex>") to keep them unique
+            by_rid.setdefault(internal.rsplit("-", 1)[0], []).append(list(props))
     result = []
     for out in outs:
         ids = list(out.outputs[0].token_ids)
@@ -107,7 +112,8 @@ def compare(a: list[RequestSteps], b: list[RequestSteps]) -> Agreement:
                 agg.steps_equal += 1
                 continue
             agg.first_divergence.append({"request": i, "step": s, "depth": same.index(False) + 1,
-                                         "ours": px, "vllm": py})
+                                         "ours": px, "vllm": py,
+                                         "context_length": x.context_lengths[s] if x.context_lengths else None})
             break
     return agg
 
@@ -115,3 +121,28 @@ def compare(a: list[RequestSteps], b: list[RequestSteps]) -> Agreement:
 def accept_length(steps: list[RequestSteps]) -> float:
     """Tokens per verify step over all requests (the first token of each comes from its prefill)."""
     return sum(len(r.output_ids) - 1 for r in steps) / max(sum(len(r.proposals) for r in steps), 1)
+
+
+def chain_with_margins(target, draft, tokens: list[int], k: int) -> tuple[list[int], list[float]]:
+    """Our draft's greedy chain of ``k`` after ``tokens`` (the target verifies from ``tokens[-1]`` on),
+    computed from scratch, with the top-1 minus top-2 logit gap at each depth: where the two engines
+    part, a gap near 0 says a numerical near-tie rather than an export error."""
+    n = len(tokens)
+    ids = torch.tensor(tokens[: n - 1])[None]
+    cache = target.new_cache(1, n + k)
+    out = target.forward(ids, torch.arange(n - 1)[None], cache, torch.zeros(1, dtype=torch.long), with_taps=True)
+    dcache = draft.new_cache(1, n + k)
+    slots = torch.zeros(1, dtype=torch.long)
+    props, gaps = [], []
+    with torch.inference_mode():
+        d = draft(torch.tensor(tokens[1:])[None], draft.fuse(out.taps), torch.arange(n - 1)[None], dcache, slots,
+                  logit_index=torch.tensor([n - 2]))
+        logits, hidden = d.logits[0], d.hidden[0]
+        for depth in range(k):
+            top = logits.float().topk(2)
+            props.append(int(draft.draft_to_target[top.indices[0]]))
+            gaps.append(float(top.values[0] - top.values[1]))
+            if depth + 1 < k:
+                d = draft(torch.tensor([[props[-1]]]), hidden[None, None], torch.tensor([[n - 1 + depth]]), dcache, slots)
+                logits, hidden = d.logits[0, 0], d.hidden[0, 0]
+    return props, gaps
