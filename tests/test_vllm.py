@@ -97,7 +97,7 @@ def test_sampling_translation_names_what_vllm_cannot_serve():
 
     backend = VLLMBackend({"model": "unused", "speculative_config": {"num_speculative_tokens": 3}}, None)
     sp = backend.sampling({"max_tokens": 5, "top_k": 0, "stop": ("x",)})
-    assert (sp.max_tokens, sp.temperature, sp.top_k, sp.stop) == (5, 0.0, -1, ["x"]) and backend.is_greedy(sp)
+    assert (sp.max_tokens, sp.temperature, sp.top_k, sp.stop) == (5, 0.0, 0, ["x"]) and backend.is_greedy(sp)
     with pytest.raises(ValueError, match="beam"):
         backend.sampling({"beam": 2})
     with pytest.raises(ValueError, match="lookahead=2.*num_speculative_tokens=3"):

@@ -183,8 +183,6 @@ class VLLMBackend:
             raise ValueError(f"per-request lookahead={params['lookahead']} is not supported by the vLLM engine "
                              f"(num_speculative_tokens={self.lookahead} is fixed at start)")
         kw = {k: v for k, v in params.items() if k in SAMPLING_KEYS and v is not None}
-        if kw.get("top_k") == 0:  # ours: 0 disables; vLLM: 0 or -1 disable
-            kw["top_k"] = -1
         for key in ("stop", "stop_token_ids"):
             if key in kw:
                 kw[key] = list(kw[key])
