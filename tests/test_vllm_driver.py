@@ -22,7 +22,7 @@ pytestmark = pytest.mark.smoke
 def test_day0_with_engine_vllm_serves_learns_and_swaps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    overrides = ["experiment=day0", "engine=vllm", "time_budget_s=40", "workload.max_tokens=32",
+    overrides = ["experiment=day0", "engine=vllm", "time_budget_s=25", "workload.max_tokens=32",
                  "workload.held_out=2", "eval.max_tokens=16", "engine.max_len=1024", "progress=false",
                  "learner.checkpoint_every=0", f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
