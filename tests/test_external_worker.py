@@ -123,3 +123,23 @@ def test_swap_failures_are_counted_and_retried_with_the_newest_version(tmp_path)
         assert worker.stats()["fake/traces"] == 1
     finally:
         worker.shutdown()
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["engine.adaptive_lookahead=true"], "engine.adaptive_lookahead"),
+    (["engine.context_copy=true"], "engine.context_copy"),
+    (["learner.vocab_refresh_every=10"], "learner.vocab_refresh_every"),
+    (["model=tiny"], "model.target"),
+    (["+engine.vllm.kv_cache=2"], "engine.vllm.kv_cache"),
+    (["engine.vllm.dtype=fp8"], "engine.vllm.dtype"),
+    (["+engine.vllm.engine_args.max_num_seqs=3"], "max_num_seqs"),
+])
+def test_engine_vllm_refuses_what_it_cannot_do_by_name(tmp_path, overrides, named):
+    from aurora_rl.cli import compose
+    from aurora_rl.config import validate
+
+    cfg = compose(["experiment=day0", "engine=vllm"], tmp_path)
+    validate(cfg)  # the day-0 job composes with engine=vllm as it is
+    assert (cfg.engine.kind, cfg.engine.context_copy, cfg.engine.lookahead) == ("vllm", False, 4)
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        validate(compose(["experiment=day0", "engine=vllm", *overrides], tmp_path))
