@@ -48,8 +48,9 @@ class OursCell:
         if record:
             self.wall += time.perf_counter() - t0
             self.tokens += sum(o.num_output_tokens for o in outs)
-            self.steps += sum(o.verify_steps for o in outs)
-            self.verify_tokens += sum(o.num_output_tokens - 1 for o in outs)
+            if self.engine.decoder is not None and self.name != "ours, no spec":
+                self.steps += sum(o.verify_steps for o in outs)
+                self.verify_tokens += sum(o.num_output_tokens - 1 for o in outs)
 
 
 class VLLMCell:
@@ -84,7 +85,10 @@ def load(args):
     dtype = getattr(torch, args.dtype)
     target = load_target(folder, dtype)
     tok = AutoTokenizer.from_pretrained(str(folder))
-    draft_dir = Path(args.draft) if args.draft else sorted(ROOT.glob("outputs/day0/*/draft"))[-1]
+    found = sorted(ROOT.glob("outputs/day0/*/draft"))
+    if not args.draft and not found:
+        raise SystemExit(f"no --draft given and no {ROOT}/outputs/day0/*/draft (run `make demo` first)")
+    draft_dir = Path(args.draft) if args.draft else found[-1]
     draft = load_eagle3(draft_dir, target_embedding=target.embed.weight.detach().float()).to_dtype(dtype).eval()
     prompts = []
     for p in sample_prompts(args.domain, domain_counts()[args.domain], seed=args.seed):

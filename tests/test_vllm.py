@@ -21,8 +21,6 @@ from aurora_rl.vllm_engine.backend import configure_environment
 
 pytestmark = pytest.mark.parity
 
-configure_environment(1.0, torch.get_num_threads())  # before vllm is imported: in-process engine core
-import vllm  # noqa: E402  (installed by `make setup`; a missing vLLM fails here, it is not skipped)
 
 LOOKAHEAD, MAX_TOKENS = 4, 24
 
@@ -36,6 +34,9 @@ def setup(tmp_path_factory):
     from aurora_rl.runtime.factory import initial_draft
     from aurora_rl.config import ModelSection
     from transformers import AutoTokenizer
+
+    configure_environment(1.0, torch.get_num_threads())  # before vllm is imported: in-process engine core
+    import vllm  # installed by `make setup-vllm` (make test); a missing vLLM fails here, it is not skipped
 
     folder = ensure_smollm2()
     target = load_target(folder, torch.float32)
@@ -95,6 +96,7 @@ def test_hot_swapped_draft_weights_take_effect_and_swap_back(setup):
 def test_sampling_translation_names_what_vllm_cannot_serve():
     from aurora_rl.vllm_engine.backend import VLLMBackend
 
+    configure_environment(1.0, torch.get_num_threads())
     backend = VLLMBackend({"model": "unused", "speculative_config": {"num_speculative_tokens": 3}}, None)
     sp = backend.sampling({"max_tokens": 5, "top_k": 0, "stop": ("x",)})
     assert (sp.max_tokens, sp.temperature, sp.top_k, sp.stop) == (5, 0.0, 0, ["x"]) and backend.is_greedy(sp)
