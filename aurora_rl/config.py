@@ -266,11 +266,20 @@ def validate(cfg: RunConfig) -> None:
     elif cfg.engine.sglang:
         raise ValueError(f"engine.sglang={dict(cfg.engine.sglang)} is only read with engine.kind=sglang, "
                          f"not {cfg.engine.kind!r}")
+    _validate_external_quant(cfg)
     if cfg.engine.kind == "vllm":
         _validate_vllm(cfg)
     elif cfg.engine.vllm:
         raise ValueError(f"engine.vllm={dict(cfg.engine.vllm)} is only read with engine.kind=vllm, "
                          f"not {cfg.engine.kind!r}")
+
+
+def _validate_external_quant(cfg: RunConfig) -> None:
+    """An external engine serves the float weights: traces recomputed on a quantized copy would come from
+    another target than the one the engine verified against."""
+    if cfg.engine.kind != "native" and cfg.model.quant in ("q8_0", "q4_1"):
+        raise ValueError(f"model.quant={cfg.model.quant} is not supported with engine.kind={cfg.engine.kind}: the "
+                         "external engine serves float weights (set model.quant=auto or none)")
 
 
 def _validate_vocab_refresh(learner: LearnerSection) -> None:

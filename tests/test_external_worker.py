@@ -133,6 +133,7 @@ def test_swap_failures_are_counted_and_retried_with_the_newest_version(tmp_path)
     (["+engine.vllm.kv_cache=2"], "engine.vllm.kv_cache"),
     (["engine.vllm.dtype=fp8"], "engine.vllm.dtype"),
     (["+engine.vllm.engine_args.max_num_seqs=3"], "max_num_seqs"),
+    (["model.quant=q4_1"], "model.quant"),
 ])
 def test_engine_vllm_refuses_what_it_cannot_do_by_name(tmp_path, overrides, named):
     from aurora_rl.cli import compose

@@ -12,6 +12,7 @@ Subclasses (``SGLangWorker``, ``VLLMWorker``) only build the engine's ``External
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -36,6 +37,10 @@ class ExternalEngineWorker:
                  export_dir: str | None = None) -> None:
         torch.set_num_threads(max(1, engine.threads or threads))
         self.index, self.store, self.seed = index, weight_store, seed
+        # The engine serves the float weights, so the recompute copy must too (auto would pick the GGUF's
+        # quantized blocks for the embedded target).
+        if model.quant == "auto":
+            model = dataclasses.replace(model, quant="none")
         target, _ = load_target_model(model, seed)
         if torch.cuda.is_available():  # the recompute prefill runs beside the engine, on this worker's GPU
             target = target.to("cuda")
