@@ -137,7 +137,7 @@ class SGLangRollout:
                 self.sum_accepted += res.accepted_tokens
                 self.sum_completion += res.completion_tokens if res.verify_steps else 0
             if self.capture_traces and not rid.startswith("eval-") and summary["status"] == "finished" and res.output_ids:
-                self._record_trace(rid, prompt, res, sampling.get("temperature", 0.0) == 0.0)
+                self._record_trace(rid, prompt, res, sampling)
         except Exception as exc:  # reported per request in poll(), and counted; the worker keeps serving
             log.exception("SGLang request %s failed", rid)
             self._record_error(rid, exc)
@@ -149,11 +149,14 @@ class SGLangRollout:
             self._done.append(summary)
         return summary
 
-    def _record_trace(self, rid: str, prompt: list[int], res: GenerateResult, greedy: bool) -> None:
+    def _record_trace(self, rid: str, prompt: list[int], res: GenerateResult, sampling: dict) -> None:
+        greedy = sampling.get("temperature", 0.0) == 0.0
         t0 = time.perf_counter()
         with self._target_lock:  # one prefill at a time through the shared target
             rt = recompute_trace(self.target, prompt, res.output_ids, res.meta_info, self.policy_version,
-                                 self.trace_dtype, request_id=rid, greedy=greedy, finish_reason=res.finish_reason)
+                                 self.trace_dtype, request_id=rid, greedy=greedy, finish_reason=res.finish_reason,
+                                 temperature=sampling.get("temperature"), top_p=sampling.get("top_p", 1.0),
+                                 top_k=sampling.get("top_k", 0))
         with self._lock:
             self.recompute_s += time.perf_counter() - t0
             self.sglang_traces += 1
