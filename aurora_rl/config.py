@@ -213,11 +213,10 @@ def validate(cfg: RunConfig) -> None:
 
     algo = get_algorithm(cfg.algorithm.name)
     args = dict(cfg.algorithm.args)
-    valid = [f.name for f in dataclasses.fields(algo.config_cls) if f.name != "greedy_verify"]
+    valid = [f.name for f in dataclasses.fields(algo.config_cls)]
     unknown = sorted(set(args) - set(valid))
     if unknown:
-        raise ValueError(f"algorithm.args.{unknown[0]} is not an argument of {cfg.algorithm.name!r}; valid: {valid} "
-                         "(greedy_verify is set from workload.temperature)")
+        raise ValueError(f"algorithm.args.{unknown[0]} is not an argument of {cfg.algorithm.name!r}; valid: {valid}")
     try:
         algo.make_config(**args)
     except ValueError as err:

@@ -35,7 +35,6 @@ def learner_config(section: LearnerSection, algorithm: AlgorithmSection, workloa
         replay_ratio=section.replay_ratio, prompt_bases=section.prompt_bases,
         vocab_refresh_every=section.vocab_refresh_every, vocab_refresh_min_gain=section.vocab_refresh_min_gain,
         vocab_half_life_tokens=section.vocab_half_life_tokens, vocab_prompt_weight=section.vocab_prompt_weight,
-        greedy_verify=workload.temperature == 0.0,
     )
 
 

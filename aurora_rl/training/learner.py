@@ -25,6 +25,12 @@ from aurora_rl.training.vocab import VocabTracker, remap_moments
 
 log = logging.getLogger(__name__)
 
+COUNT_METRICS = frozenset({
+    "offpolicy/dropped_stale", "offpolicy/deterministic_steps", "offpolicy/num_proposal_tokens",
+    "offpolicy/future_versions", "data/num_tokens", "data/num_rows", "data/num_steps", "osd/num_rejected",
+})
+"""Metrics that are counts per batch: summed over micro-batches (the same in every replay pass)."""
+
 
 @dataclass
 class LearnerConfig:
@@ -50,8 +56,6 @@ class LearnerConfig:
     """Micro-batches per optimizer step (traces are split evenly)."""
     replay_ratio: int = 1
     """Optimizer passes over each batch of traces (>1 reuses recent data)."""
-    greedy_verify: bool = True
-    """The serving side verifies greedily (temperature 0): acceptance is q(emitted token)."""
     prompt_bases: int = 0
     """Prompt positions per trace also trained on (sampled when a prompt is longer; 0 = generated
     positions only). Their taps are in the trace already: more rows per served request, at the cost
@@ -91,7 +95,7 @@ class Learner:
                  policy_version: int = 0) -> None:
         self.config = cfg = config or LearnerConfig()
         self.algorithm = get_algorithm(cfg.algorithm)
-        self.algo_cfg = self.algorithm.make_config(greedy_verify=cfg.greedy_verify, **cfg.algorithm_args)
+        self.algo_cfg = self.algorithm.make_config(**cfg.algorithm_args)
         # A private float32 copy: the caller's (serving) draft must only change through published weights.
         self.draft = copy.deepcopy(draft).to_dtype(torch.float32).train()
         self.target_head = target_head.detach().float()
@@ -120,10 +124,17 @@ class Learner:
         gen = torch.Generator().manual_seed(self.step)
         batches = [collate(c, self.draft, self.target_head, cfg.depth, cfg.prompt_bases, gen) for c in chunks]
         totals: dict[str, float] = {}
+        stepped = False
         for _ in range(cfg.replay_ratio):
             metrics = self._step(batches)
+            stepped |= bool(metrics.pop("learner/stepped"))
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.replay_ratio
+        if stepped:
+            # One new policy version per batch of traces (what the actor publishes), however many
+            # optimizer passes it took: lag is then counted in published versions, not in steps.
+            self.policy_version += 1
+        totals["learner/policy_version"] = float(self.policy_version)
         tokens = sum(b.num_tokens for b in batches) * cfg.replay_ratio
         totals["learner/trained_tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
         totals["learner/traces"] = float(len(traces))
@@ -160,7 +171,7 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {"learner/stepped": 0.0}
         total_tokens = max(sum(b.num_tokens for b in batches), 1)
         for batch in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16"):
@@ -171,7 +182,8 @@ class Learner:
                 # Weight micro-batches by their tokens so accumulation equals one big batch.
                 (out.loss * share).backward()
             for k, v in out.metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + v * share
+                # Counts add up over micro-batches; rates and means are weighted by their token share.
+                metrics[k] = metrics.get(k, 0.0) + (v if k in COUNT_METRICS else v * share)
             metrics["offpolicy/future_versions"] = metrics.get("offpolicy/future_versions", 0.0) + \
                 float((batch.proposal_version > self.policy_version).sum())
         if any(p.grad is not None for p in self.params):
@@ -180,13 +192,12 @@ class Learner:
             if math.isfinite(float(norm)):
                 self.optimizer.step()
                 self.step += 1
-                self.policy_version += 1
+                metrics["learner/stepped"] = 1.0
             else:
                 metrics["learner/skipped_nonfinite"] = 1.0
                 log.warning("skipped an update with non-finite gradient norm %s", norm)
         metrics["learner/lr"] = lr
         metrics["learner/step"] = float(self.step)
-        metrics["learner/policy_version"] = float(self.policy_version)
         return metrics
 
     def publishable_state(self) -> dict[str, torch.Tensor]:
