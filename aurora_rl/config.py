@@ -88,7 +88,8 @@ class LearnerSection:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     depth: int = 5
-    dtype: str = "float32"
+    dtype: str = "auto"
+    """Learner compute dtype: auto (bf16 autocast where the CPU computes bf16 natively), float32, bfloat16."""
     grad_accum: int = 1
     replay_ratio: int = 2
     """Optimizer passes over each batch of traces."""
@@ -194,7 +195,7 @@ CHOICES = {
     "model.draft_head_init": ("target", "random"),
     "engine.kind": ("native", "sglang"),
     "engine.trace_dtype": ("bfloat16", "float16", "float32"),
-    "learner.dtype": ("float32", "bfloat16"),
+    "learner.dtype": ("auto", "float32", "bfloat16"),
     "workload.source": ("sharegpt", "random"),
     "buffer.policy": ("block", "drop_oldest", "sample"),
 }

@@ -19,11 +19,14 @@ import torch
 from algorithms import get_algorithm
 from aurora_rl.engine.trace import Trace
 from aurora_rl.models.draft import Eagle3Draft
+from aurora_rl.models.dtypes import resolve_dtype
 from aurora_rl.training.batching import collate
 from aurora_rl.training.ttt import unroll
 from aurora_rl.training.vocab import VocabTracker, remap_moments
 
 log = logging.getLogger(__name__)
+
+LEARNER_DTYPES = ("auto", "float32", "bfloat16")
 
 COUNT_METRICS = frozenset({
     "offpolicy/dropped_stale", "offpolicy/deterministic_steps", "offpolicy/num_proposal_tokens",
@@ -50,8 +53,10 @@ class LearnerConfig:
     """Max global grad norm (0 disables)."""
     depth: int = 5
     """TTT depth K: train the draft to the deepest lookahead served."""
-    dtype: str = "float32"
-    """Compute dtype of the draft during training: float32, or bfloat16 autocast."""
+    dtype: str = "auto"
+    """Compute dtype of the draft's forward during training: ``bfloat16`` (autocast; the weights,
+    gradients and optimizer stay float32), ``float32``, or ``auto``: bfloat16 where the CPU computes it
+    natively (AMX or AVX512-BF16; ``aurora_rl.models.dtypes``) or on a GPU, float32 elsewhere."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (traces are split evenly)."""
     replay_ratio: int = 1
@@ -85,8 +90,8 @@ class LearnerConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"LearnerConfig.betas={self.betas} must be two numbers in [0, 1)")
         get_algorithm(self.algorithm)  # unknown names fail here, listing the valid ones
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"LearnerConfig.dtype={self.dtype!r}; choose float32 or bfloat16")
+        if self.dtype not in LEARNER_DTYPES:
+            raise ValueError(f"LearnerConfig.dtype={self.dtype!r}; choose one of {list(LEARNER_DTYPES)}")
         self.betas = tuple(self.betas)
 
 
@@ -108,6 +113,8 @@ class Learner:
                       if cfg.vocab_refresh_every and cfg.algorithm != "frozen" else None)
         """Counts for the vocabulary refresh; none for ``frozen``, whose draft stays what it was, vocabulary too."""
         self.vocab_refreshes = 0
+        self.autocast = resolve_dtype(cfg.dtype) == torch.bfloat16
+        """bf16 autocast of the TTT forward (``dtype``), resolved once for this machine."""
 
     def _lr(self) -> float:
         c = self.config
@@ -174,7 +181,7 @@ class Learner:
         metrics: dict[str, float] = {"learner/stepped": 0.0}
         total_tokens = max(sum(b.num_tokens for b in batches), 1)
         for batch in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
                 logits = unroll(self.draft, batch.ttt, self.config.depth)
             out = self.algorithm.loss(batch.loss_batch(logits, self.policy_version), self.algo_cfg)
             share = batch.num_tokens / total_tokens
