@@ -100,11 +100,11 @@ def held_out_accept_length(draft, traces, head, depth: int) -> float:
 def run_arm(arm: str, seed: int, args, head, draft0, train, held) -> dict:
     algorithm, overrides = ARMS[arm]
     algo_args = {**FULL, **overrides} if algorithm == "aurora" else {}
-    cfg = LearnerConfig(algorithm=algorithm, algorithm_args=algo_args, lr=args.lr, depth=args.depth,
-                        prompt_bases=args.prompt_bases, replay_ratio=args.replay_ratio, dtype=args.dtype)
+    cfg = LearnerConfig(lr=args.lr, depth=args.depth, prompt_bases=args.prompt_bases, replay_ratio=args.replay_ratio,
+                        dtype=args.dtype)
     torch.manual_seed(seed)
     start = max(int(t.policy_version.max()) for t in train if t.policy_version.numel())
-    learner = Learner(draft0, head, cfg, policy_version=start)
+    learner = Learner(draft0, head, cfg, policy_version=start, algorithm=algorithm, algorithm_args=algo_args)
     spent, last = 0.0, {}
     for batch in batch_schedule(len(train), args.updates, args.batch_traces, seed):
         t0 = time.perf_counter()

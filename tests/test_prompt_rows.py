@@ -92,5 +92,5 @@ def test_learner_learns_the_prompt_rows_only_when_asked(served):
 def test_negative_prompt_bases_is_refused():
     from aurora_rl.training.learner import LearnerConfig
 
-    with pytest.raises(ValueError, match="LearnerConfig.prompt_bases"):
+    with pytest.raises(ValueError, match="learner.prompt_bases"):
         LearnerConfig(prompt_bases=-1)

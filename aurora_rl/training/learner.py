@@ -12,21 +12,18 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-
 import torch
 
 from algorithms import get_algorithm
 from aurora_rl.engine.trace import Trace
 from aurora_rl.models.draft import Eagle3Draft
 from aurora_rl.models.dtypes import resolve_dtype
+from aurora_rl.training.learner_config import LearnerConfig
 from aurora_rl.training.batching import collate
 from aurora_rl.training.ttt import unroll
 from aurora_rl.training.vocab import VocabTracker, remap_moments
 
 log = logging.getLogger(__name__)
-
-LEARNER_DTYPES = ("auto", "float32", "bfloat16")
 
 COUNT_METRICS = frozenset({
     "offpolicy/dropped_stale", "offpolicy/deterministic_steps", "offpolicy/num_proposal_tokens",
@@ -35,82 +32,28 @@ COUNT_METRICS = frozenset({
 """Metrics that are counts per batch: summed over micro-batches (the same in every replay pass)."""
 
 
-@dataclass
-class LearnerConfig:
-    """Optimisation settings of the draft learner."""
-
-    algorithm: str = "aurora"
-    """Learning rule, one of ``algorithms.list_algorithms()``."""
-    algorithm_args: dict = field(default_factory=dict)
-    """Overrides for the algorithm's config dataclass."""
-    lr: float = 1e-3
-    """Peak (and constant) AdamW learning rate."""
-    warmup_steps: int = 10
-    """Linear warmup from 0 to ``lr`` over these optimizer steps."""
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    """Max global grad norm (0 disables)."""
-    depth: int = 5
-    """TTT depth K: train the draft to the deepest lookahead served."""
-    dtype: str = "auto"
-    """Compute dtype of the draft's forward during training: ``bfloat16`` (autocast; the weights,
-    gradients and optimizer stay float32), ``float32``, or ``auto``: bfloat16 where the CPU computes it
-    natively (AMX or AVX512-BF16; ``aurora_rl.models.dtypes``) or on a GPU, float32 elsewhere."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (traces are split evenly)."""
-    replay_ratio: int = 1
-    """Optimizer passes over each batch of traces (>1 reuses recent data)."""
-    prompt_bases: int = 0
-    """Prompt positions per trace also trained on (sampled when a prompt is longer; 0 = generated
-    positions only). Their taps are in the trace already: more rows per served request, at the cost
-    of the deeper TTT depths and the head on those rows."""
-    vocab_refresh_every: int = 0
-    """Updates between checks of the draft vocabulary against the recent traffic (0 = the vocabulary
-    stays as it was at day 0); see ``aurora_rl.training.vocab``."""
-    vocab_refresh_min_gain: float = 0.01
-    """Remap only when the best vocabulary covers at least this much more of the recent tokens."""
-    vocab_half_life_tokens: int = 16384
-    """Recent traffic: token counts halve every this many (weighted) tokens counted."""
-    vocab_prompt_weight: float = 0.25
-    """Weight of a prompt token against an emitted one in the counts."""
-
-    def __post_init__(self) -> None:
-        for name in ("warmup_steps", "prompt_bases", "depth", "grad_accum", "replay_ratio", "vocab_refresh_every",
-                     "vocab_half_life_tokens"):
-            if getattr(self, name) < (0 if name in ("warmup_steps", "prompt_bases", "vocab_refresh_every") else 1):
-                raise ValueError(f"LearnerConfig.{name}={getattr(self, name)} is out of range")
-        if not 0 <= self.vocab_refresh_min_gain <= 1 or self.vocab_prompt_weight < 0:
-            raise ValueError(f"LearnerConfig.vocab_refresh_min_gain={self.vocab_refresh_min_gain} must be in [0, 1] "
-                             f"and vocab_prompt_weight={self.vocab_prompt_weight} >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"LearnerConfig.lr must be > 0, got {self.lr}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"LearnerConfig.grad_clip={self.grad_clip} and weight_decay={self.weight_decay} must be >= 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"LearnerConfig.betas={self.betas} must be two numbers in [0, 1)")
-        get_algorithm(self.algorithm)  # unknown names fail here, listing the valid ones
-        if self.dtype not in LEARNER_DTYPES:
-            raise ValueError(f"LearnerConfig.dtype={self.dtype!r}; choose one of {list(LEARNER_DTYPES)}")
-        self.betas = tuple(self.betas)
-
-
 class Learner:
+    """The draft learner; ``algorithm`` (one of ``algorithms.list_algorithms()``) with ``algorithm_args``
+    (fields of its config dataclass) is the learning rule, ``config`` the optimisation and batching."""
+
     def __init__(self, draft: Eagle3Draft, target_head: torch.Tensor, config: LearnerConfig | None = None,
-                 policy_version: int = 0) -> None:
+                 policy_version: int = 0, algorithm: str = "aurora", algorithm_args: dict | None = None) -> None:
         self.config = cfg = config or LearnerConfig()
-        self.algorithm = get_algorithm(cfg.algorithm)
-        self.algo_cfg = self.algorithm.make_config(**cfg.algorithm_args)
+        self.algorithm = get_algorithm(algorithm)
+        self.algorithm_args = dict(algorithm_args or {})
+        self.algo_cfg = self.algorithm.make_config(**self.algorithm_args)
         # A private float32 copy: the caller's (serving) draft must only change through published weights.
         self.draft = copy.deepcopy(draft).to_dtype(torch.float32).train()
         self.target_head = target_head.detach().float()
         self.params = [p for p in self.draft.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.step = 0
         self.policy_version = policy_version
         self.updates = 0
+        self._changed = False
+        """Weights changed since the last new version."""
         self.vocab = (VocabTracker(draft.config.vocab_size, cfg.vocab_half_life_tokens, cfg.vocab_prompt_weight)
-                      if cfg.vocab_refresh_every and cfg.algorithm != "frozen" else None)
+                      if cfg.vocab_refresh_every and algorithm != "frozen" else None)
         """Counts for the vocabulary refresh; none for ``frozen``, whose draft stays what it was, vocabulary too."""
         self.vocab_refreshes = 0
         self.autocast = resolve_dtype(cfg.dtype) == torch.bfloat16
@@ -137,10 +80,12 @@ class Learner:
             stepped |= bool(metrics.pop("learner/stepped"))
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.replay_ratio
-        if stepped:
-            # One new policy version per batch of traces (what the actor publishes), however many
-            # optimizer passes it took: lag is then counted in published versions, not in steps.
+        self._changed |= stepped
+        if self._changed and self.updates % cfg.publish_every == 0:
+            # One new policy version per published batch (``publish_every``), however many optimizer
+            # passes it took: lag is then counted in published versions, not in optimizer steps.
             self.policy_version += 1
+            self._changed = False
         totals["learner/policy_version"] = float(self.policy_version)
         tokens = sum(b.num_tokens for b in batches) * cfg.replay_ratio
         totals["learner/trained_tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
