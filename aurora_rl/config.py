@@ -108,8 +108,10 @@ class BufferSection:
     max_bytes: int = 2_000_000_000
     policy: str = "drop_oldest"
     """When full: ``block`` (producers wait), ``drop_oldest``, or ``sample`` (evict a random trace)."""
-    max_lag: int = 64
-    """Traces whose newest step is older than this many versions are dropped (and counted)."""
+    max_trace_lag: int = 64
+    """Traces whose newest step is more than this many published policy versions behind the learner are
+    dropped (and counted). A bound on whole traces; the policy-gradient term's per-step bound, in the
+    same versions, is ``algorithm.args.max_lag``."""
 
 
 @dataclass
