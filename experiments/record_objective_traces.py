@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="sets to record")
     args = ap.parse_args(argv)
     if args.short:
         args.train_prompts, args.held_out, args.max_tokens, args.max_prompt_tokens = 6, 2, 12, 32
@@ -100,16 +101,19 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    key = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
-    files = [out / s / f for s in SETS for f in ("train.safetensors", "held_out.safetensors")]
-    if (out / "key.json").is_file() and json.loads((out / "key.json").read_text()) == key and all(
-            f.is_file() for f in files):
+    key = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "sets")}
+    if (out / "key.json").is_file() and json.loads((out / "key.json").read_text()) != key:
+        raise SystemExit(f"{out} holds traces recorded with other settings ({out / 'key.json'}); use another --out")
+    (out / "key.json").write_text(json.dumps(key))
+    todo = [s for s in args.sets if not all((out / s / f).is_file() for f in ("train.safetensors", "held_out.safetensors"))]
+    if not todo:
         say(f"traces in {out} are already recorded with these settings")
         return
     target, _, draft, traffic = day0(args)
     train = [ids for ids, _ in traffic.requests]
     held = traffic.held_out["code"]
-    for name, sampling in SETS.items():
+    for name in todo:  # each set is written once complete, so an interrupted run resumes at the next set
+        sampling = SETS[name]
         t0 = time.perf_counter()
         tr = serve(target, draft, train, sampling, args, args.seed)
         ho = serve(target, draft, held, sampling, args, args.seed + 10_000)
@@ -119,7 +123,6 @@ def main(argv=None) -> None:
         say(f"{name}: {len(tr)} training + {len(ho)} held-out traces, "
             f"{sum(int(t.output_ids.numel()) for t in tr + ho)} tokens in {time.perf_counter() - t0:.0f}s; "
             f"day-0 accept length while recording {1 + acc:.3f}")
-    (out / "key.json").write_text(json.dumps(key))
 
 
 if __name__ == "__main__":
