@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="sets to record")
+    ap.add_argument("--serve-train", type=int, default=None,
+                    help="serve only the first N training prompts for these sets (the day-0 draft is unchanged)")
     args = ap.parse_args(argv)
     if args.short:
         args.train_prompts, args.held_out, args.max_tokens, args.max_prompt_tokens = 6, 2, 12, 32
@@ -101,7 +103,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    key = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "sets")}
+    key = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "sets", "serve_train")}
     if (out / "key.json").is_file() and json.loads((out / "key.json").read_text()) != key:
         raise SystemExit(f"{out} holds traces recorded with other settings ({out / 'key.json'}); use another --out")
     (out / "key.json").write_text(json.dumps(key))
@@ -110,7 +112,7 @@ def main(argv=None) -> None:
         say(f"traces in {out} are already recorded with these settings")
         return
     target, _, draft, traffic = day0(args)
-    train = [ids for ids, _ in traffic.requests]
+    train = [ids for ids, _ in traffic.requests][:args.serve_train]
     held = traffic.held_out["code"]
     for name in todo:  # each set is written once complete, so an interrupted run resumes at the next set
         sampling = SETS[name]
