@@ -32,6 +32,7 @@ class LearnerActor:
     def __init__(self, section: LearnerConfig, algorithm: AlgorithmSection, workload: WorkloadSection,
                  draft_config: DraftConfig, initial: tuple[int, list], target_head_ref: list, buffer: Any,
                  weight_store: Any, checkpoint_dir: str, threads: int = 1) -> None:
+        # ``workload`` is no longer read: every trace carries how its request was sampled.
         torch.set_num_threads(threads)
         self.section, self.buffer, self.store = section, buffer, weight_store
         self.checkpoint_dir = Path(checkpoint_dir)
