@@ -162,7 +162,7 @@ def test_one_update_raises_accepted_and_lowers_rejected(how):
         return policy_gradient_loss(logq, vt.pg_advantages, vt.valid, t([1.0, 0.8]))
 
     algo = get_algorithm("aurora")
-    cfgs = {"aurora_pg_only": AuroraConfig(ntp_coef=0.0, pg_coef=0.5), "aurora_default": AuroraConfig()}
+    cfgs = {"aurora_pg_only": AuroraConfig(ntp_coef=0.0, rkl_coef=0.0, accept_coef=0.0, pg_coef=0.5), "aurora_default": AuroraConfig()}
     fn = pg_term if how == "pg_term" else (lambda b: algo.loss(b, cfgs[how]).loss)
     before, after = one_sgd_step(fn)
     assert after[0, 2] > before[0, 2]  # accepted proposal at depth 1 went up
@@ -281,7 +281,7 @@ def test_aurora_with_no_proposals():
 
 def test_aurora_drops_stale_steps_and_counts_them():
     b = random_batch(lag=[0, 9, 12, 8])  # max_lag 8 drops steps 1 and 2
-    cfg = AuroraConfig(ntp_coef=0.0, pg_coef=0.5)
+    cfg = AuroraConfig(ntp_coef=0.0, rkl_coef=0.0, accept_coef=0.0, pg_coef=0.5)
     out = get_algorithm("aurora").loss(b, cfg)
     assert out.metrics["offpolicy/dropped_stale"] == 2.0
     assert out.metrics["offpolicy/lag_max"] == 12.0 and out.metrics["offpolicy/lag_mean"] == 7.25
