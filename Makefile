@@ -32,9 +32,16 @@ test: assets
 test-fast: setup
 	$(PY) -m pytest -q -m unit
 
-bench: assets
+# The llama.cpp peer of bench_quant, a benchmark-only extra: never needed by `make test`.
+BENCH_STAMP := $(VENV)/.aurora-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(UV) pip install --python $(PY) $(FIND_LINKS) --no-deps llama-cpp-python==0.3.36 diskcache==5.6.3
+	touch $@
+
+bench: assets $(BENCH_STAMP)
 	$(PY) -m aurora_rl.bench
 	$(PY) -m aurora_rl.bench_spec
+	$(PY) -m aurora_rl.bench_quant
 
 clean:
 	rm -rf $(VENV) outputs multirun

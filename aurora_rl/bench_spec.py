@@ -184,7 +184,8 @@ def load(args):
     from aurora_rl.data.sharegpt import chat_token_ids, domain_counts, sample_prompts
     from aurora_rl.runtime.factory import initial_draft, load_target_model
 
-    section = ModelSection(dtype=args.dtype, draft=args.draft or "random", draft_vocab_size=args.draft_vocab_size)
+    section = ModelSection(dtype=args.dtype, quant=args.quant, draft=args.draft or "random",
+                           draft_vocab_size=args.draft_vocab_size)
     target, tokenizer = load_target_model(section)
     seen: set[tuple[int, ...]] = set()
     run_of_draft = Path(args.draft).resolve().parent if args.draft else None
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="do not leave out the prompts of the run that trained --draft")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="auto: bfloat16 where the CPU computes it natively, else float32")
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "q8_0", "q4_1"],
+                   help="target weights (auto: the shipped GGUF's Q4_1 blocks; none: float)")
     p.add_argument("--draft", default=None, help="EAGLE3 draft folder (default: a day-0 random draft)")
     p.add_argument("--draft-vocab-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     capture_cells = [Cell(target, tokenizer, draft, b, 4, capture=c) for c in (False, True)]
     run_cells(capture_cells, prompts, args.max_tokens, args.repeats)
     capture = [c.row() for c in capture_cells]
-    result = {"dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."), "draft": args.draft or "day-0 random", "max_tokens": args.max_tokens,
+    result = {"dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."), "quant": args.quant, "draft": args.draft or "day-0 random", "max_tokens": args.max_tokens,
               "prompts": len(prompts), "domain": args.domain, "prompt_seed": args.seed,
               "excluded_runs": args.exclude_run, "prompts_excluded": excluded, "greedy_outputs_identical": identical,
               "repeats": args.repeats,

@@ -27,6 +27,11 @@ class ModelSection:
     dtype: str = "auto"
     """Target weights dtype on the serving side: auto (bfloat16 where the CPU or GPU computes it natively,
     else float32; see ``aurora_rl.models.dtypes``), bfloat16 or float32."""
+    quant: str = "auto"
+    """Target weight format: auto (a GGUF's own q8_0 / q4_1 blocks where the kernels take them: the
+    embedded SmolLM2 runs its shipped Q4_1 file as stored; float for float checkpoints), none (float
+    weights in ``dtype``), q8_0 or q4_1 (every projection quantized to that format). Speculation is
+    lossless against the target served this way. See ``aurora_rl.models.quant``."""
     draft: str = "random"
     """``random`` (day 0) or the path of an EAGLE3 draft folder."""
     draft_vocab_size: int = 8192
@@ -65,7 +70,12 @@ class EngineSection:
     threads: int = 0
     """Torch threads per worker (0 = the actor's CPU share)."""
     weight_poll_steps: int = 4
-    """Engine steps between checks for newer draft weights (``engine.sglang.weight_poll_s`` for SGLang)."""
+    """Engine steps between wake-ups of the background fetch of newer draft weights (it also looks once a
+    second when idle; ``engine.sglang.weight_poll_s`` for SGLang)."""
+    deterministic: bool = False
+    """Batch-invariant target passes: at temperature 0 a prompt gets the same tokens alone or batched,
+    streamed or not, speculated or not (slower: ``make bench`` prints the cost). Without it, verification
+    is lossless up to floating-point rounding that depends on the batch."""
     sglang: dict[str, Any] = field(default_factory=dict)
     """``engine.kind=sglang`` only: server arguments (``SGLangServerConfig`` fields: tp_size,
     mem_fraction_static, dtype, port, ...) and worker options (``SGLangWorkerOptions``: url, weight_poll_s,
@@ -165,6 +175,7 @@ class RunConfig:
 
 CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float32"),
+    "model.quant": ("auto", "none", "q8_0", "q4_1"),
     "model.draft_head_init": ("target", "random"),
     "engine.kind": ("native", "sglang"),
     "engine.trace_dtype": ("bfloat16", "float16", "float32"),
@@ -194,6 +205,9 @@ def validate(cfg: RunConfig) -> None:
         algo.make_config(**args)
     except ValueError as err:
         raise ValueError(f"algorithm.args: {err}") from None
+    if cfg.engine.deterministic and cfg.engine.kind != "native":
+        raise ValueError(f"engine.deterministic=true needs engine.kind=native (the batch-invariant kernels are "
+                         f"ours), got engine.kind={cfg.engine.kind!r}")
     positive = {"engine.num_slots": cfg.engine.num_slots, "workload.max_tokens": cfg.workload.max_tokens,
                 "cluster.rollout_workers": cfg.cluster.rollout_workers, "buffer.max_traces": cfg.buffer.max_traces}
     for key, value in positive.items():

@@ -139,6 +139,19 @@ class SpecDecoder:
                 self._remap_slot_logits(old_vocab)
         self.policy_version = version
 
+    def swap_draft(self, draft: Eagle3Draft, version: int) -> Eagle3Draft:
+        """Serve ``draft`` (built and validated off the engine thread, ``aurora_rl.engine.hot_swap``) from
+        the next step on: a reference swap at a step boundary, so no step ever sees two versions' weights.
+        Caches and held logits stay, as in ``load_draft_state``. Returns the old draft: the caller frees
+        it elsewhere (freeing its tensors here took ~20 ms for the SmolLM2 draft)."""
+        old = self.draft
+        old_vocab = old.draft_to_target
+        self.draft = draft.eval()
+        if not torch.equal(old_vocab, draft.draft_to_target):
+            self._remap_slot_logits(old_vocab)
+        self.policy_version = version
+        return old
+
     def _draft_tensor(self, name: str) -> torch.Tensor:
         try:
             return self.draft.get_parameter(name)
@@ -316,7 +329,10 @@ class SpecDecoder:
             if not rows:
                 continue
             slots = torch.tensor([seqs[b].slot for b in rows])
-            pos = torch.tensor([[int(self.cache.lengths[seqs[b].slot]) + depth - 2] for b in rows])
+            # The base is the last fed position i = length - 1; depth d + 1 runs at rope position
+            # i + d, in a fresh cache entry (as training's TTT unroll and vLLM's EAGLE3 proposer do).
+            # i + d - 1 here overwrote the target-feature key of the base with a chain key.
+            pos = torch.tensor([[int(self.cache.lengths[seqs[b].slot]) + depth - 1] for b in rows])
             toks = torch.tensor([[props[b][-1]] for b in rows])
             h = torch.stack([hidden[b] for b in rows]).unsqueeze(1)
             with torch.inference_mode():

@@ -76,21 +76,24 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(ln for ln in lines if ln.startswith(("model name", "flags"))))
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, source: str = SOURCE, name: str = "aurora_kernels", extra_flags: tuple = ()) -> Path:
+    """The shared library of ``source`` (cached by source, flags, compiler and CPU); ``quant`` builds its
+    own library this way."""
     torch_lib = Path(torch.__file__).parent / "lib"
-    key = hashlib.sha256("\n".join([SOURCE, " ".join(_FLAGS), compiler, _cpu_signature(), str(torch_lib)])
+    flags = [*_FLAGS, *extra_flags]
+    key = hashlib.sha256("\n".join([source, " ".join(flags), compiler, _cpu_signature(), str(torch_lib)])
                          .encode()).hexdigest()[:16]
     root = os.environ.get("AURORA_RL_CACHE")
     folder = (Path(root).expanduser() if root else Path.home() / ".cache" / "aurora_rl") / "kernels"
-    target = folder / f"aurora_kernels-{key}.so"
+    target = folder / f"{name}-{key}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
-        src.write_text(SOURCE)
+        src.write_text(source)
         # Linked against torch's own libgomp, so both share one OpenMP thread pool.
-        cmd = [compiler, *_FLAGS, str(src), "-o", str(out), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
+        cmd = [compiler, *flags, str(src), "-o", str(out), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")

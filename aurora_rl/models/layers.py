@@ -18,8 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aurora_rl.models import cpu_kernels
+from aurora_rl.models import cpu_kernels, quant
 
+
+
+INVARIANT_MIN_ROWS = 4
+"""Fewest rows per kernel call in batch-invariant mode: from 4 rows on, the gemv computes every row alike."""
 
 
 class Linear(nn.Linear):
@@ -31,6 +35,19 @@ class Linear(nn.Linear):
         self._native_key: tuple | None = None
         self._native_call = None
         self._packed: torch.Tensor | None = None
+        self.quant: quant.QuantWeight | None = None
+        """Quantized weight that inference passes (no grad) run on, whatever their row count; the float
+        weight holds its dequantized values for training. Set with ``set_quant``."""
+        self._quant_calls: dict = {}
+
+    def set_quant(self, qw: "quant.QuantWeight | None") -> None:
+        """Run inference on ``qw`` (the caller keeps the float weight equal to its dequantized values)."""
+        if qw is not None and (qw.n, qw.k) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight [{qw.n}, {qw.k}] does not fit Linear({self.in_features}, {self.out_features})")
+        self.quant, self._quant_calls = qw, {}
+
+    batch_invariant = False
+    """Compute every row the same way whatever the other rows (``TargetModel.set_batch_invariant``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Hot path of decoding (~120 calls a token): parameters are read from _parameters directly,
@@ -38,6 +55,18 @@ class Linear(nn.Linear):
         params = self._parameters
         w, bias = params["weight"], params["bias"]
         rows = x.numel() // self.in_features
+        # Quantized weights first: their kernel computes every row alone, so it is batch invariant too.
+        if self.quant is not None and rows > 0 and x.dtype == w.dtype and not torch.is_grad_enabled():
+            call = self._quant_call(x.dtype)
+            if call is not None:
+                x = x.contiguous()
+                y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=x.dtype)
+                call(x.data_ptr(), y.data_ptr(), rows)
+                if bias is not None:
+                    y += bias
+                return y
+        if self.batch_invariant and not torch.is_grad_enabled():
+            return self._invariant_forward(x, w, bias)
         if 0 < rows <= cpu_kernels.max_rows() and x.dtype == w.dtype and not torch.is_grad_enabled():
             call = self._native(w)
             if call is not None:
@@ -48,6 +77,39 @@ class Linear(nn.Linear):
                     y += bias
                 return y
         return F.linear(x, w, bias)
+
+    def _quant_call(self, dtype: torch.dtype):
+        call = self._quant_calls.get(dtype, False)
+        if call is False:
+            ok = dtype in (torch.float32, torch.bfloat16) and quant.available()
+            call = self._quant_calls[dtype] = quant.gemv_caller(self.quant, dtype) if ok else None
+        return call
+
+    def _invariant_forward(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The native kernel in chunks of at most ``max_rows`` rows, each of at least ``INVARIANT_MIN_ROWS``
+        (zero rows pad a short chunk): a row's reduction order then never depends on how many rows share
+        the call (the bf16 kernel splits one lone row's sum over two accumulators, and PyTorch's GEMM
+        picks its blocking by shape)."""
+        call = self._native(w) if x.dtype == w.dtype else None
+        if call is None:
+            raise RuntimeError(f"batch-invariant Linear needs the native kernels for {w.dtype} weights "
+                               f"(cpu_kernels.available()={cpu_kernels.available()}, input {x.dtype})")
+        flat = x.reshape(-1, self.in_features).contiguous()
+        rows, step = flat.shape[0], cpu_kernels.max_rows()
+        y = torch.empty(rows, self.out_features, dtype=x.dtype)
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            if n < INVARIANT_MIN_ROWS:
+                xp = torch.zeros(INVARIANT_MIN_ROWS, self.in_features, dtype=x.dtype)
+                xp[:n] = flat[start:start + n]
+                yp = torch.empty(INVARIANT_MIN_ROWS, self.out_features, dtype=x.dtype)
+                call(xp.data_ptr(), yp.data_ptr(), INVARIANT_MIN_ROWS)
+                y[start:start + n] = yp[:n]
+            else:
+                call(flat[start].data_ptr(), y[start].data_ptr(), n)
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _native(self, w: torch.Tensor):
         """The kernel call over a packed copy of the weight ``w``, rebuilt when the weight is replaced or

@@ -106,11 +106,42 @@ def build_target(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.
     return model.eval()
 
 
-def load_target(source: str | Path, dtype: torch.dtype = torch.bfloat16, **overrides) -> TargetModel:
-    """Load from a HF folder, a ``.gguf`` file, or a hub id (needs a network)."""
+def load_target(source: str | Path, dtype: torch.dtype = torch.bfloat16, quant: str = "none",
+                **overrides) -> TargetModel:
+    """Load from a HF folder, a ``.gguf`` file, or a hub id (needs a network). ``quant``
+    (``quant.QUANT_CHOICES``): a GGUF's q8_0 / q4_1 blocks are served as stored with ``auto``
+    (``gguf_weights``); ``q8_0`` / ``q4_1`` quantize every projection (requantizing other formats);
+    ``auto`` on a float checkpoint and ``none`` keep float weights."""
+    from aurora_rl.models.quant import QUANT_CHOICES
+
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"quant={quant!r} is not one of {list(QUANT_CHOICES)}")
     path = Path(source)
     if path.suffix == ".gguf":
+        if quant != "none":
+            from aurora_rl.models.gguf_weights import load_gguf_target
+
+            return load_gguf_target(path, dtype, quant, **overrides)
         return _load_gguf(path, dtype, **overrides)
+    model = _load_float(source, path, dtype, **overrides)
+    if quant in ("q8_0", "q4_1"):
+        quantize_target(model, quant)
+    return model
+
+
+def quantize_target(model: TargetModel, kind: str) -> TargetModel:
+    """Quantize every projection whose K is whole blocks (and the lm_head) to ``kind`` from its float weight."""
+    from aurora_rl.models.layers import Linear
+    from aurora_rl.models.quant import quantize, supports
+
+    blocks = {name: quantize(m.weight.detach(), kind) for name, m in model.named_modules()
+              if isinstance(m, Linear) and supports(m.out_features, m.in_features)}
+    model.attach_quant(blocks)
+    log.info("target quantized to %s: %s", kind, model.quant_summary())
+    return model
+
+
+def _load_float(source: str | Path, path: Path, dtype: torch.dtype, **overrides) -> TargetModel:
     if not path.exists():
         if "/" not in str(source) or str(source).startswith((".", "/")):
             raise FileNotFoundError(f"model path {source} does not exist (and is not a hub id like org/name)")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aurora_rl.models import cpu_kernels
+from aurora_rl.models import cpu_kernels, quant
 from aurora_rl.models.config import ModelConfig
 from aurora_rl.models.kv_cache import CachePlan, SlotKVCache
 from aurora_rl.models.layers import (GatedMLP, Linear, RMSNorm, RotaryTable, attend_grouped, causal_mask, group_mask,
@@ -105,8 +105,16 @@ class DecoderLayer(nn.Module):
         """This layer's weights for ``cpu_kernels.decoder_layer``, or None when it cannot run fused
         (q/k norms, weights the kernels cannot pack)."""
         a, m = self.attn, self.mlp
-        packed = [lin.packed_weight() for lin in (a.qkv, a.o, m.gate_up, m.down)]
-        if a.q_norm is not None or any(p is None for p in packed):
+        linears = (a.qkv, a.o, m.gate_up, m.down)
+        if a.q_norm is not None:
+            return None
+        if any(lin.quant is not None for lin in linears):  # quantized: all four, or the step-by-step path
+            if any(lin.quant is None for lin in linears) or not quant.available():
+                return None
+            return (self.input_norm.weight, self.post_norm.weight, a.qkv.quant, a.qkv.bias, a.o.quant,
+                    m.gate_up.quant, m.down.quant)
+        packed = [lin.packed_weight() for lin in linears]
+        if any(p is None for p in packed):
             return None
         return (self.input_norm.weight, self.post_norm.weight, packed[0], a.qkv.bias, *packed[1:])
 
@@ -145,6 +153,30 @@ class TargetModel(nn.Module):
         self.rope.to(dtype)
         return self
 
+    def attach_quant(self, blocks: dict[str, "quant.QuantBlocks"]) -> None:
+        """Run the Linear modules named in ``blocks`` (``layers.3.attn.qkv``, ``lm_head``, ...) on those
+        quantized blocks; their float weights take the blocks' dequantized values (a tied lm_head's
+        embedding too), so that every path computes the same model."""
+        modules = dict(self.named_modules())
+        for name, b in blocks.items():
+            lin = modules.get(name)
+            if not isinstance(lin, Linear):
+                raise ValueError(f"{name!r} is not a Linear of this model; quantizable: "
+                                 f"{[n for n, m in modules.items() if isinstance(m, Linear)][:4]}...")
+            with torch.no_grad():
+                lin.weight.copy_(b.dequantize().to(lin.weight.dtype))
+            lin.set_quant(quant.QuantWeight.of(b))
+        self._fused_key = self._fused = None
+
+    def quant_summary(self) -> dict[str, int]:
+        """How many Linear modules run in each weight format ("none": float)."""
+        out: dict[str, int] = {}
+        for m in self.modules():
+            if isinstance(m, Linear):
+                kind = m.quant.kind if m.quant is not None else "none"
+                out[kind] = out.get(kind, 0) + 1
+        return out
+
     def new_cache(self, num_slots: int, max_len: int | None = None) -> SlotKVCache:
         c = self.config
         return SlotKVCache(c.num_layers, num_slots, c.num_kv_heads, c.head_dim,
@@ -177,11 +209,26 @@ class TargetModel(nn.Module):
         weights, streams, work = fused
         c = self.config
         resid, mlp_out = streams[0, i], streams[1, i]
-        cpu_kernels.decoder_layer(
+        layer_fn = quant.decoder_layer if isinstance(weights[i][2], quant.QuantWeight) else cpu_kernels.decoder_layer
+        layer_fn(
             x, pending, resid, mlp_out, weights[i], self.rope.cos, self.rope.sin, ctx.positions, ctx.plan.slots,
             ctx.cache.k[i], ctx.cache.v[i], ctx.plan.kv_len, work,
             (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size), c.rms_norm_eps)
         return resid, mlp_out
+
+    batch_invariant = False
+    """See ``set_batch_invariant``."""
+
+    def set_batch_invariant(self, on: bool = True) -> "TargetModel":
+        """Deterministic mode: every projection through ``Linear``'s batch-invariant path, no fused layer
+        kernel (its own blocking), so a token's logits do not depend on the other rows of its pass.
+        With one token per row (``ModelRunner(deterministic=True)``) and the native attention (a fixed
+        key order per query) a greedy answer is the same alone, batched, speculated or not."""
+        self.batch_invariant = on
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.batch_invariant = on
+        return self
 
     def runs_ragged(self, cache: SlotKVCache, tokens_per_row: int) -> bool:
         """Whether rows of up to ``tokens_per_row`` tokens may run as one token per row, a slot repeated
@@ -220,7 +267,8 @@ class TargetModel(nn.Module):
         x, pending = self.embed(input_ids), None
         layer_out: dict[int, torch.Tensor] = {}
         # the fused layer runs every projection in the gemv: only where it beats PyTorch at B * T rows
-        fused = self._fused_weights(x) if native and B * T <= cpu_kernels.max_rows() else None
+        fused = (self._fused_weights(x) if native and B * T <= cpu_kernels.max_rows() and not self.batch_invariant
+                 else None)
         for i, layer in enumerate(self.layers):
             if fused is not None:
                 x, pending = self._fused_layer(i, x, pending, fused, ctx)

@@ -23,19 +23,27 @@ def load_target_model(section: ModelSection, seed: int = 0) -> tuple[TargetModel
     if section.target == "tiny":
         from envs.models import tiny_target
 
-        return tiny_target(seed).to_dtype(dtype), None
+        tiny = tiny_target(seed).to_dtype(dtype)
+        if section.quant in ("q8_0", "q4_1"):
+            from aurora_rl.models.loader import quantize_target
+
+            quantize_target(tiny, section.quant)
+        return tiny, None
     from transformers import AutoTokenizer
 
     from aurora_rl.models.loader import load_target
 
     if section.target == "smollm2":
-        from aurora_rl.assets import ensure_smollm2
+        from aurora_rl.assets import ensure_smollm2, smollm2_gguf_path
 
-        folder: str | Path = ensure_smollm2()
+        # The converted folder holds the tokenizer; quantized weights come from the shipped GGUF itself.
+        tok_source: str | Path = ensure_smollm2()
+        folder: str | Path = tok_source if section.quant == "none" else smollm2_gguf_path()
     else:
         folder = section.target
-    target = load_target(folder, dtype)
-    tok_source = Path(folder).parent if str(folder).endswith(".gguf") else folder
+        tok_source = Path(folder).parent if str(folder).endswith(".gguf") else folder
+    target = load_target(folder, dtype, quant=section.quant)
+    log.info("target weights: model.quant=%s -> %s", section.quant, target.quant_summary())
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
     return target, tokenizer
 

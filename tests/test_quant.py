@@ -1,0 +1,158 @@
+"""Quantized weights: GGUF block decoding by hand, kernels against the dequantized float path (every body
+this CPU can run), row invariance, the quantized tiny target (fused and step-by-step paths, lossless
+speculation), and the shipped GGUF loaded as stored."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
+from aurora_rl.models import quant
+from aurora_rl.models.loader import load_target, quantize_target
+from tests.conftest import tiny_target
+from tests.test_engine import prompts
+from tests.test_speculative import make_draft, spec_engine
+
+
+def _half(x: float) -> bytes:
+    return struct.pack("<e", x)
+
+
+@pytest.mark.unit
+def test_gguf_blocks_decode_by_hand():
+    # q4_1: d=0.5, m=-1; nibbles: byte j holds weight j (low) and weight j + 16 (high).
+    qs = bytes((j % 16) | ((15 - j % 16) << 4) for j in range(16))
+    raw = torch.frombuffer(bytearray(_half(0.5) + _half(-1.0) + qs), dtype=torch.uint8)
+    w = quant.from_gguf("q4_1", raw, 1, 32).dequantize()[0]
+    assert w[:16].tolist() == [0.5 * j - 1 for j in range(16)]
+    assert w[16:].tolist() == [0.5 * (15 - j) - 1 for j in range(16)]
+    # q8_0: d=0.25, int8 weights -16..15.
+    raw = torch.frombuffer(bytearray(_half(0.25) + bytes((j - 16) & 0xFF for j in range(32))), dtype=torch.uint8)
+    assert quant.from_gguf("q8_0", raw, 1, 32).dequantize()[0].tolist() == [0.25 * (j - 16) for j in range(32)]
+    with pytest.raises(ValueError, match="q4_k"):
+        quant.from_gguf("q4_k", raw, 1, 32)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+def test_quantize_error_is_within_half_a_step(kind):
+    w = torch.randn(20, 64, generator=torch.Generator().manual_seed(1))
+    b = quant.quantize(w, kind)
+    step = b.d.float().repeat_interleave(32, dim=1)
+    # Half a step, plus the fp16 rounding of the scale (times up to 127 levels) and of the minimum.
+    fp16 = step * 127 * 2 ** -11 + (0 if b.m is None else b.m.float().abs().repeat_interleave(32, dim=1) * 2 ** -11)
+    assert ((b.dequantize() - w).abs() <= step / 2 + fp16 + 1e-6).all()
+    assert (b.dequantize() - w).abs().mean() < step.mean() / 3
+    levels = (-127, 127) if kind == "q8_0" else (0, 15)
+    assert int(b.q.min()) >= levels[0] and int(b.q.max()) <= levels[1]
+
+
+def _bodies():
+    """Every kernel body this machine can run: the native one, AVX2 (no AVX-512), plain C."""
+    yield "native", None
+    flags = open("/proc/cpuinfo").read()
+    if " avx512f" in flags:
+        yield "avx2", ("-mno-avx512f",)
+    yield "c", ("-mno-avx512f", "-mno-avx2")
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("body,flags", list(_bodies()))
+def test_kernels_match_the_dequantized_float_path(body, flags):
+    if not quant.available():
+        pytest.skip("native kernels are not built on this machine (no compiler or not x86-64 Linux)")
+    lib = quant._lib() if flags is None else quant.load_library(flags)
+    if flags is not None:
+        assert lib.body == body
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(53, 96, generator=g)  # N not a multiple of 16: a padded group
+    for kind in quant.KINDS:
+        blocks = quant.quantize(w, kind)
+        qw = quant.QuantWeight.of(blocks)
+        w_deq = blocks.dequantize().double()
+        for m in (1, 3, 8, 13, 128):
+            x = torch.randn(m, 96, generator=g)
+            ref = quant.reference_matmul(x, blocks)
+            got = quant._matmul(lib, x, qw).double()
+            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (kind, m)
+            # Against plain x @ W.T: off by the activations' int8 rounding only (half a step per entry).
+            step = (x.view(m, 3, 32).abs().amax(-1) / 127).repeat_interleave(32, dim=1).double()
+            bound = (step / 2) @ w_deq.abs().T
+            assert ((got - x.double() @ w_deq.T).abs() <= bound * 1.001 + 1e-5).all(), (kind, m)
+            bf = quant._matmul(lib, x.bfloat16(), qw).double()
+            ref_bf = quant.reference_matmul(x.bfloat16(), blocks)
+            assert (bf - ref_bf).abs().max() <= 2 ** -7 * ref_bf.abs().max(), (kind, m)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+def test_each_row_is_computed_alone(kind):
+    """Verify passes must equal decode steps bit for bit: a row's result does not depend on its batch."""
+    if not quant.available():
+        pytest.skip("native kernels are not built on this machine")
+    g = torch.Generator().manual_seed(3)
+    qw = quant.QuantWeight.of(quant.quantize(torch.randn(40, 64, generator=g), kind))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(21, 64, generator=g).to(dtype)
+        whole = quant.matmul(x, qw)
+        assert all(torch.equal(whole[i], quant.matmul(x[i:i + 1], qw)[0]) for i in range(21))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+def test_quantized_tiny_target_paths_agree_and_speculation_is_lossless(kind):
+    if not quant.available():
+        pytest.skip("native kernels are not built on this machine")
+    model, _ = tiny_target("llama")
+    quantize_target(model, kind)
+    assert model.quant_summary() == {kind: 1 + 4 * model.config.num_layers}
+    # The float weights hold the dequantized values: the float path is the same model up to the
+    # activations' int8 rounding.
+    cache = model.new_cache(2, 64)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(6).repeat(2, 1)
+    got = model(ids, pos, cache, torch.tensor([0, 1])).logits
+    with torch.no_grad():
+        saved = [(m, m.quant) for m in model.modules() if getattr(m, "quant", None) is not None]
+        for m, _ in saved:
+            m.set_quant(None)
+        model._fused_key = None
+        ref = model(ids, pos, model.new_cache(2, 64), torch.tensor([0, 1])).logits
+        for m, qw in saved:
+            m.set_quant(qw)
+        model._fused_key = None
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert not torch.equal(got, ref)  # the quantized kernels ran
+    ps = prompts(5)
+    sp = SamplingParams(max_tokens=16, ignore_eos=True)
+    base = LLMEngine(model, EngineConfig(num_slots=2, max_len=64)).generate(ps, sp)
+    for k in (1, 4):
+        outs = spec_engine(model, make_draft(model), k, slots=2).generate(ps, sp)
+        assert [o.output_ids for o in outs] == [o.output_ids for o in base], f"lookahead {k}"
+
+
+@pytest.mark.unit
+def test_bad_quant_choice_names_the_options(tmp_path):
+    from aurora_rl.config import ModelSection, RunConfig, validate
+
+    with pytest.raises(ValueError, match="q5_0.*auto.*none.*q8_0.*q4_1"):
+        load_target(tmp_path, torch.float32, quant="q5_0")
+    with pytest.raises(ValueError, match="model.quant='q5_0'.*auto.*none.*q8_0.*q4_1"):
+        validate(RunConfig(model=ModelSection(quant="q5_0"), output_dir=str(tmp_path)))
+
+
+@pytest.mark.smoke
+def test_shipped_gguf_loads_its_own_blocks(smollm2_dir):
+    """The shipped Q4_1 file served as stored: 120 q4_1 projections and the q8_0 tied embedding; its
+    dequantized weights equal transformers' conversion (the bf16 folder) within bf16 rounding."""
+    from aurora_rl.assets import smollm2_gguf_path
+
+    model = load_target(smollm2_gguf_path(), torch.float32, quant="auto")
+    assert model.quant_summary() == {"q4_1": 120, "q8_0": 1}
+    folder = load_target(smollm2_dir, torch.float32)
+    ours, ref = model.state_dict(), folder.state_dict()
+    for name in ("layers.0.attn.qkv.weight", "layers.29.mlp.down.weight", "embed.weight"):
+        assert (ours[name] - ref[name]).abs().max() <= 2 ** -8 * ref[name].abs().max(), name
