@@ -10,24 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from algorithms.batch import LossBatch
-from algorithms.terms import acceptance_prob
+from algorithms.terms import acceptance_prob, greedy_acceptance, served_logprobs, served_target_probs
 
 
 @dataclass
 class AlgorithmConfig:
-    """Fields shared by all algorithms."""
-
-    greedy_verify: bool = False
-    """True when the engine verifies at temperature 0: the current draft's acceptance at an entry
-    is then q(emitted token) (0 if it is outside the draft vocab) instead of Σ_v min(q_v, p_v)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.greedy_verify, bool):
-            raise ValueError(
-                f"{type(self).__name__}.greedy_verify must be true or false, got {self.greedy_verify!r}")
+    """Fields shared by all algorithms (none yet: how each row was verified travels in the batch)."""
 
 
 def check_range(cfg, name: str, lo: float | None = None, hi: float | None = None,
@@ -52,21 +42,42 @@ def check_choice(cfg, name: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{type(cfg).__name__}.{name} must be one of {choices}, got {value!r}")
 
 
-def current_acceptance(batch: LossBatch, greedy_verify: bool) -> torch.Tensor:
-    """α [N, K]: probability the current draft's proposal is accepted at each entry (detached).
+def acceptance(batch: LossBatch, detach: bool = True) -> torch.Tensor:
+    """α [N, K]: probability that the current draft's proposal is accepted at each entry, under the
+    distribution that entry's request was verified with.
 
-    Zero where `mask` is false, so products over depths stop at a trace's end.
+    Greedy rows: q(x*) with x* the target's argmax (the emitted token; relaxation of 1[argmax q = x*]).
+    Sampled rows: Σ_v min(q̃_v, p̃_v) with q̃ the draft at the row's temperature after its top-k/top-p,
+    p̃ the target's verified distribution over the full vocabulary at the draft ids. Zero where
+    `mask` or `nucleus_known` is false, so products over depths stop at a trace's end.
     """
-    logits = batch.draft_logits.detach()
-    if greedy_verify:
-        # The emitted token is the target's argmax over the FULL vocab; using it (not the argmax of
-        # the restricted logits) counts an out-of-draft-vocab argmax as a certain rejection.
-        q = F.softmax(logits.float(), dim=-1)
-        tok = batch.target_tokens
-        alpha = q.gather(-1, tok.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (tok >= 0)
-    else:
-        alpha = acceptance_prob(logits, batch.target_logits)
-    return alpha * batch.mask
+    logits = batch.draft_logits.detach() if detach else batch.draft_logits
+    n, k, v = logits.shape
+    alpha = torch.zeros(n, k, device=logits.device)
+    greedy = batch.greedy.nonzero().squeeze(1)
+    if greedy.numel():
+        alpha = alpha.index_put((greedy,), greedy_acceptance(logits[greedy], batch.target_tokens[greedy]))
+    sampled = (~batch.greedy).nonzero().squeeze(1)
+    if sampled.numel():
+        logq = served_logprobs(logits[sampled].reshape(-1, v), batch.top_p[sampled].repeat_interleave(k),
+                               batch.top_k[sampled].repeat_interleave(k)).view(-1, k, v)
+        p = served_target_probs(batch.target_logp[sampled], batch.nucleus_logp[sampled],
+                                batch.nucleus_log_mass[sampled])
+        alpha = alpha.index_put((sampled,), acceptance_prob(logq, p))
+    return alpha * (batch.mask & batch.nucleus_known)
+
+
+def current_acceptance(batch: LossBatch) -> torch.Tensor:
+    """α [N, K] of the current draft, detached (diagnostics, V-trace values, depth weights)."""
+    with torch.no_grad():
+        return acceptance(batch, detach=True)
+
+
+def learnable_steps(batch: LossBatch, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[M] bool: logged steps a score-function (policy-gradient) term may use: stochastic proposals
+    (not `deterministic`), within `keep` (e.g. not stale)."""
+    ok = ~batch.deterministic
+    return ok if keep is None else ok & keep
 
 
 def chain_mask(batch: LossBatch, keep: torch.Tensor | None = None) -> torch.Tensor:

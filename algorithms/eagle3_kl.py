@@ -24,7 +24,6 @@ class Eagle3KLConfig(AlgorithmConfig):
     """Depth decay: depth j is weighted γ^(j−1), in (0, 1]; 0.8 as in EAGLE3 and SpecForge."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         check_range(self, "gamma", lo=0.0, hi=1.0, lo_open=True)
 
 
@@ -33,7 +32,7 @@ def loss(batch: LossBatch, cfg: Eagle3KLConfig) -> LossOutput:
     """Depth-weighted mean soft CE over all valid TTT entries."""
     k = batch.mask.shape[1]
     weights = depth_weights("gamma", cfg.gamma, K=k).to(batch.draft_logits.device)
-    soft_ce = forward_kl_soft_ce(batch.draft_logits, batch.target_logits, batch.mask, weights)
+    soft_ce = forward_kl_soft_ce(batch.draft_logits, batch.target_logp, batch.mask, weights)
     metrics = {"losses/total": float(soft_ce.detach()), "losses/forward_kl_soft_ce": float(soft_ce.detach())}
-    metrics.update(batch_metrics(batch, current_acceptance(batch, cfg.greedy_verify)))
+    metrics.update(batch_metrics(batch, current_acceptance(batch)))
     return LossOutput(soft_ce, metrics)

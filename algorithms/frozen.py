@@ -27,5 +27,5 @@ def loss(batch: LossBatch, cfg: FrozenConfig) -> LossOutput:
     """Zero loss without grad, plus the diagnostics of the (unchanging) draft."""
     with torch.no_grad():
         metrics = {"losses/total": 0.0}
-        metrics.update(batch_metrics(batch, current_acceptance(batch, cfg.greedy_verify)))
+        metrics.update(batch_metrics(batch, current_acceptance(batch)))
     return LossOutput(torch.zeros((), device=batch.draft_logits.device), metrics)

@@ -39,7 +39,8 @@ def offpolicy_metrics(batch: LossBatch, keep: torch.Tensor | None = None, droppe
     """
     valid = episode_mask(batch, chain_mask(batch, keep))
     if logq is None:
-        logq = proposal_logp(batch.draft_logits.detach(), batch.proposal_row, batch.proposals)
+        logq = proposal_logp(batch.draft_logits.detach(), batch.proposal_row, batch.proposals,
+                             batch.top_p[batch.proposal_row], batch.top_k[batch.proposal_row])
     ratios = truncated_ratios(logq, batch.behaviour_logp, rho_bar, valid)
     ess = effective_sample_size(ratios.ratios, valid)
     lag = batch.lag.float()
@@ -47,6 +48,7 @@ def offpolicy_metrics(batch: LossBatch, keep: torch.Tensor | None = None, droppe
         "offpolicy/lag_mean": float(lag.mean()) if lag.numel() else 0.0,
         "offpolicy/lag_max": float(lag.max()) if lag.numel() else 0.0,
         "offpolicy/dropped_stale": float(dropped),
+        "offpolicy/deterministic_steps": float(batch.deterministic.sum()),
         "offpolicy/clip_fraction": ratios.clip_fraction,
         "offpolicy/ess": ess.normalized,
         "offpolicy/ess_raw": ess.raw,

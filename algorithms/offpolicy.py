@@ -1,10 +1,15 @@
 """Stale-policy correction for the terms that use logged proposals: ratios, ESS, lag, V-trace.
 
-Under lossless verification the target's token stream does not depend on the draft, so NTP and the
-KL terms need no correction. The logged proposals and their accept/reject outcomes do: they were
-drawn from an older draft μ, so the policy-gradient term reweights them by truncated importance
-ratios q_θ(d)/μ(d), drops records older than `max_lag` policy versions, and uses V-trace targets
-computed along each verify step's speculation chain. Pure functions of tensors; Ray is imported
+What needs no correction: under lossless verification the target's token stream does not depend
+on the draft, so NTP, the KL terms and the expected accept length (computed from q_θ and p at every
+trace position) are on-policy whatever draft served the request. What is corrected: the logged
+proposals and their accept/reject outcomes were drawn from an older draft μ (at the request's
+temperature, top-k, top-p), so the policy-gradient term reweights them by truncated importance ratios
+q̃_θ(d)/μ(d), drops records more than `max_lag` published policy versions old, and uses V-trace
+targets computed along each verify step's speculation chain. What is left out: deterministic
+proposals (greedy drafting, context copies). μ is then a point mass, so q_θ/μ is no importance
+weight, and the outcome (accepted iff d = the target's argmax) is a function of the target stream
+that the dense terms already train on; `algorithms.base.learnable_steps` drops them from PG. Pure functions of tensors; Ray is imported
 lazily inside `chain_vtrace` only (RLlib's `vtrace_torch`), so importing this module stays cheap.
 
 RLlib's `vtrace_torch` (ray 2.60, `ray.rllib.algorithms.impala.torch.vtrace_torch_v2`) takes

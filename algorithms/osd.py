@@ -29,7 +29,6 @@ class OSDConfig(AlgorithmConfig):
     """"forward_kl" (soft CE −Σ p log q) or "reverse_kl" (KL(q‖p)) at the rejected entries."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         check_choice(self, "divergence", tuple(DIVERGENCES))
 
 
@@ -49,7 +48,7 @@ def loss(batch: LossBatch, cfg: OSDConfig) -> LossOutput:
     if rows.numel():
         valid = torch.ones_like(rows, dtype=torch.bool)
         total = DIVERGENCES[cfg.divergence](
-            batch.draft_logits[rows, idx], batch.target_logits[rows, idx], valid, 1.0)
+            batch.draft_logits[rows, idx], batch.target_logp[rows, idx], valid, 1.0)
     else:
         total = batch.draft_logits.sum() * 0.0  # keeps the backward/optimizer path uniform
     metrics = {
@@ -58,5 +57,5 @@ def loss(batch: LossBatch, cfg: OSDConfig) -> LossOutput:
         "osd/num_rejected": float(rows.numel()),
         "osd/no_rejections": float(rows.numel() == 0),
     }
-    metrics.update(batch_metrics(batch, current_acceptance(batch, cfg.greedy_verify)))
+    metrics.update(batch_metrics(batch, current_acceptance(batch)))
     return LossOutput(total, metrics)

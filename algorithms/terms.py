@@ -42,40 +42,89 @@ def ntp_loss(draft_logits, target_tokens, mask, depth_weights) -> torch.Tensor:
     return _weighted_mean(nll, valid, depth_weights)
 
 
-def reverse_kl(draft_logits, target_logits, mask, depth_weights) -> torch.Tensor:
+def reverse_kl(draft_logits, target_logp, mask, depth_weights) -> torch.Tensor:
     """KL(q_θ || p) = Σ_v q_v (log q_v − log p_v) over the draft vocab, depth-weighted mean.
 
+    `target_logp` is log p normalised over the full vocabulary (not renormalised over the draft's):
+    q is zero outside the draft vocabulary, so this is the true KL over the full vocabulary.
     Mode seeking: pushes q off tokens the target finds unlikely, which is what rejection sampling
     punishes (α = Σ min(q, p) loses exactly the q mass sitting above p). Grads flow through q only.
     """
     logq = F.log_softmax(draft_logits.float(), dim=-1)
-    logp = F.log_softmax(target_logits.detach().float(), dim=-1)
-    kl = (logq.exp() * (logq - logp)).sum(-1)
+    kl = (logq.exp() * (logq - target_logp.detach().float())).sum(-1)
     return _weighted_mean(kl, mask, depth_weights)
 
 
-def forward_kl_soft_ce(draft_logits, target_logits, mask, depth_weights) -> torch.Tensor:
-    """Soft cross entropy −Σ_v p_v log q_v, depth-weighted mean (the EAGLE3 / SpecForge recipe).
+def forward_kl_soft_ce(draft_logits, target_logp, mask, depth_weights) -> torch.Tensor:
+    """Soft cross entropy −Σ_v p̂_v log q_v, depth-weighted mean (the EAGLE3 / SpecForge recipe).
 
-    Equals forward KL(p || q_θ) up to the target entropy, which has no gradient.
+    As in that recipe, p̂ is the target renormalised over the draft vocabulary. Equals forward
+    KL(p̂ || q_θ) up to the target entropy, which has no gradient.
     """
     logq = F.log_softmax(draft_logits.float(), dim=-1)
-    p = F.softmax(target_logits.detach().float(), dim=-1)
+    p = F.softmax(target_logp.detach().float(), dim=-1)
     ce = -(p * logq).sum(-1)
     return _weighted_mean(ce, mask, depth_weights)
 
 
-def acceptance_prob(draft_logits, target_logits, greedy: bool = False) -> torch.Tensor:
-    """Probability that a sample d ~ q is accepted by lossless rejection sampling: Σ_v min(q_v, p_v).
+@torch.no_grad()
+def nucleus_mask(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """[R, V] bool: the ids the engine's `processed_probs` keeps for rows of `logits` [R, V] (already
+    at temperature): the top_k largest (0 = all), then the smallest prefix by probability whose mass
+    reaches top_p (the top id always stays). Only rows that cut anything are sorted."""
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    cut = (top_p < 1.0) | (top_k > 0)
+    if not bool(cut.any()):
+        return keep
+    rows = cut.nonzero().squeeze(1)
+    z, order = logits[rows].float().sort(-1, descending=True)
+    rank = torch.arange(z.shape[-1], device=z.device)
+    k = top_k[rows].unsqueeze(1)
+    in_k = (k == 0) | (rank < k)
+    p = torch.softmax(z.masked_fill(~in_k, float("-inf")), -1)
+    tp = top_p[rows].unsqueeze(1)
+    drop = ((p.cumsum(-1) - p) >= tp) & (tp < 1.0)
+    keep[rows] = torch.zeros_like(in_k).scatter(-1, order, in_k & ~drop)
+    return keep
 
-    With `greedy=True` the target verifies at temperature 0 (p one-hot at argmax p), which gives
-    q(argmax p). Returns [...] (the logits' leading dims), differentiable in q; callers detach it.
+
+def served_logprobs(logits, top_p, top_k) -> torch.Tensor:
+    """log q̃ [R, V]: the distribution a request samples from (top-k, top-p, renormalised), −inf
+    outside the kept set; differentiable in the kept logits (the set itself is chosen detached)."""
+    keep = nucleus_mask(logits.detach(), top_p, top_k)
+    return F.log_softmax(logits.float().masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def served_target_probs(target_logp, nucleus_logp, nucleus_log_mass) -> torch.Tensor:
+    """p̃ [..., Vd]: the target's verified distribution (its top-k/top-p set, renormalised over that
+    set of the FULL vocabulary) at the draft ids; 0 outside the set. Sums to <= 1 over Vd."""
+    keep = target_logp >= nucleus_logp.unsqueeze(-1)
+    return torch.where(keep, (target_logp - nucleus_log_mass.unsqueeze(-1)).exp(), torch.zeros_like(target_logp))
+
+
+def acceptance_prob(draft_logp, target_probs) -> torch.Tensor:
+    """Probability that d ~ q̃ is accepted by lossless rejection sampling: Σ_v min(q̃_v, p̃_v).
+
+    `draft_logp` = log q̃ (−inf allowed), `target_probs` = p̃ over the same ids, NOT renormalised
+    over them: renormalising (p̃ / Σ_Vd p̃) would overstate acceptance by the target mass outside the
+    draft vocabulary. Returns [...], differentiable in q; callers detach it where it is a constant.
     """
+    return torch.minimum(draft_logp.float().exp(), target_probs.detach().float()).sum(-1)
+
+
+def greedy_acceptance(draft_logits, target_tokens) -> torch.Tensor:
+    """q(x*) [...]: the relaxation of greedy acceptance 1[argmax q = x*] (x* the target's argmax,
+    −1 outside the draft vocabulary: a certain rejection, 0)."""
     q = F.softmax(draft_logits.float(), dim=-1)
-    if greedy:
-        return q.gather(-1, target_logits.argmax(-1, keepdim=True)).squeeze(-1)
-    p = F.softmax(target_logits.detach().float(), dim=-1)
-    return torch.minimum(q, p).sum(-1)
+    return q.gather(-1, target_tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (target_tokens >= 0)
+
+
+def expected_accept_length(alpha, rows) -> torch.Tensor:
+    """Mean over `rows` [N] of Σ_j Π_{l≤j} α_l: the expected accepted tokens of a chain drafted from
+    each row under the current draft (α [N, K] per depth, 0 past a trace's end). Differentiable in α:
+    raising an early depth's α pays for every deeper one, the credit that per-depth terms lack."""
+    per_row = alpha.float().cumprod(-1).sum(-1)
+    return (per_row * rows).sum() / rows.sum().clamp_min(1)
 
 
 def depth_weights(kind: str, gamma: float = 0.8, alpha: torch.Tensor | None = None,
@@ -102,14 +151,22 @@ def depth_weights(kind: str, gamma: float = 0.8, alpha: torch.Tensor | None = No
     raise ValueError(f"depth weight kind {kind!r} is not one of {DEPTH_WEIGHT_KINDS}")
 
 
-def proposal_logp(draft_logits, proposal_row, proposals) -> torch.Tensor:
-    """log q_θ(d_j) [M, K] of each logged proposal under the current draft (with grad).
+def proposal_logp(draft_logits, proposal_row, proposals, top_p=None, top_k=None) -> torch.Tensor:
+    """log q̃_θ(d_j) [M, K] of each logged proposal under the current draft (with grad), where q̃ is
+    the distribution the step's request samples from (`top_p`/`top_k` [M] per step; None: plain
+    softmax). A proposal outside the current draft's top-k/top-p set gets −1e4 (ratio 0, no grad).
 
     Junk ids at masked depths are clamped into range; callers mask those entries out.
     """
-    logq = F.log_softmax(draft_logits[proposal_row].float(), dim=-1)
-    ids = proposals.clamp(0, logq.shape[-1] - 1)
-    return logq.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    logits = draft_logits[proposal_row].float()
+    m, k, v = logits.shape
+    if top_p is None:
+        logq = F.log_softmax(logits, dim=-1)
+    else:
+        logq = served_logprobs(logits.reshape(-1, v), top_p.repeat_interleave(k), top_k.repeat_interleave(k))
+        logq = logq.view(m, k, v)
+    ids = proposals.clamp(0, v - 1)
+    return logq.gather(-1, ids.unsqueeze(-1)).squeeze(-1).clamp_min(-1e4)
 
 
 def policy_gradient_loss(logq, advantages, valid, weights) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Typed configuration of a run: one dataclass per config group, registered in Hydra's ConfigStore.
 
 Groups (YAML under ``conf/``): model, engine, algorithm, learner, workload, buffer, cluster, eval,
-experiment. Library code receives its own section, never the whole tree. Every field has a
+experiment. The learner group's schema is ``aurora_rl.training.learner_config.LearnerConfig``, the
+same dataclass the learner takes. Library code receives its own section, never the whole tree. Every field has a
 docstring; ``validate(cfg)`` checks cross-field rules before any actor starts, and unknown keys are
 rejected by the structured schema itself.
 """
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import MISSING
+
+from aurora_rl.training.learner_config import LearnerConfig
 
 
 @dataclass
@@ -93,38 +96,6 @@ class AlgorithmSection:
 
 
 @dataclass
-class LearnerSection:
-    """Optimisation (mirrors ``aurora_rl.training.learner.LearnerConfig``) and batching."""
-
-    lr: float = 3e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    depth: int = 5
-    dtype: str = "float32"
-    grad_accum: int = 1
-    replay_ratio: int = 2
-    """Optimizer passes over each batch of traces."""
-    prompt_bases: int = 64
-    """Prompt positions per trace trained on as well (0 = generated positions only)."""
-    batch_traces: int = 8
-    """Traces per learner batch."""
-    publish_every: int = 1
-    """Publish weights every this many batches."""
-    checkpoint_every: int = 20
-    """Write a checkpoint every this many batches (0 = only at the end)."""
-    vocab_refresh_every: int = 0
-    """Batches between checks of the draft vocabulary against the recent traffic (0 = keep the day-0
-    vocabulary); native engine only (``aurora_rl.training.vocab``)."""
-    vocab_refresh_min_gain: float = 0.01
-    """Remap only when the best vocabulary covers at least this much more of the recent tokens."""
-    vocab_half_life_tokens: int = 16384
-    """Token counts halve every this many (weighted) tokens counted."""
-    vocab_prompt_weight: float = 0.25
-    """Weight of a prompt token against an emitted token in the counts."""
-
-
-@dataclass
 class WorkloadSection:
     """Traffic served during the run."""
 
@@ -150,8 +121,10 @@ class BufferSection:
     max_bytes: int = 2_000_000_000
     policy: str = "drop_oldest"
     """When full: ``block`` (producers wait), ``drop_oldest``, or ``sample`` (evict a random trace)."""
-    max_lag: int = 64
-    """Traces whose newest step is older than this many versions are dropped (and counted)."""
+    max_trace_lag: int = 64
+    """Traces whose newest step is more than this many published policy versions behind the learner are
+    dropped (and counted). A bound on whole traces; the policy-gradient term's per-step bound, in the
+    same versions, is ``algorithm.args.max_lag``."""
 
 
 @dataclass
@@ -185,7 +158,8 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     engine: EngineSection = field(default_factory=EngineSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
-    learner: LearnerSection = field(default_factory=LearnerSection)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Optimisation, batching and publishing (``aurora_rl.training.learner_config``; validated there)."""
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     buffer: BufferSection = field(default_factory=BufferSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
@@ -208,7 +182,6 @@ CHOICES = {
     "model.draft_head_init": ("target", "random"),
     "engine.kind": ("native", "sglang", "vllm"),
     "engine.trace_dtype": ("bfloat16", "float16", "float32"),
-    "learner.dtype": ("float32", "bfloat16"),
     "workload.source": ("sharegpt", "random"),
     "buffer.policy": ("block", "drop_oldest", "sample"),
 }
@@ -227,11 +200,10 @@ def validate(cfg: RunConfig) -> None:
 
     algo = get_algorithm(cfg.algorithm.name)
     args = dict(cfg.algorithm.args)
-    valid = [f.name for f in dataclasses.fields(algo.config_cls) if f.name != "greedy_verify"]
+    valid = [f.name for f in dataclasses.fields(algo.config_cls)]
     unknown = sorted(set(args) - set(valid))
     if unknown:
-        raise ValueError(f"algorithm.args.{unknown[0]} is not an argument of {cfg.algorithm.name!r}; valid: {valid} "
-                         "(greedy_verify is set from workload.temperature)")
+        raise ValueError(f"algorithm.args.{unknown[0]} is not an argument of {cfg.algorithm.name!r}; valid: {valid}")
     try:
         algo.make_config(**args)
     except ValueError as err:
@@ -239,17 +211,14 @@ def validate(cfg: RunConfig) -> None:
     if cfg.engine.deterministic and cfg.engine.kind != "native":
         raise ValueError(f"engine.deterministic=true needs engine.kind=native (the batch-invariant kernels are "
                          f"ours), got engine.kind={cfg.engine.kind!r}")
-    positive = {"engine.num_slots": cfg.engine.num_slots, "learner.batch_traces": cfg.learner.batch_traces,
-                "learner.depth": cfg.learner.depth, "workload.max_tokens": cfg.workload.max_tokens,
+    positive = {"engine.num_slots": cfg.engine.num_slots, "workload.max_tokens": cfg.workload.max_tokens,
                 "cluster.rollout_workers": cfg.cluster.rollout_workers, "buffer.max_traces": cfg.buffer.max_traces}
     for key, value in positive.items():
         if value < 1:
             raise ValueError(f"{key}={value} must be >= 1")
     if cfg.engine.lookahead < 0:
         raise ValueError(f"engine.lookahead={cfg.engine.lookahead} must be >= 0")
-    if cfg.learner.prompt_bases < 0:
-        raise ValueError(f"learner.prompt_bases={cfg.learner.prompt_bases} must be >= 0 (0 = generated positions only)")
-    _validate_vocab_refresh(cfg.learner)
+    LearnerConfig(**vars(cfg.learner))  # the learner section's own checks, also for a config built in code
     if cfg.engine.lookahead > cfg.learner.depth:
         raise ValueError(f"engine.lookahead={cfg.engine.lookahead} exceeds learner.depth={cfg.learner.depth}: "
                          "the draft would propose at depths it is never trained for")
@@ -280,18 +249,6 @@ def _validate_external_quant(cfg: RunConfig) -> None:
     if cfg.engine.kind != "native" and cfg.model.quant in ("q8_0", "q4_1"):
         raise ValueError(f"model.quant={cfg.model.quant} is not supported with engine.kind={cfg.engine.kind}: the "
                          "external engine serves float weights (set model.quant=auto or none)")
-
-
-def _validate_vocab_refresh(learner: LearnerSection) -> None:
-    checks = {"learner.vocab_refresh_every": learner.vocab_refresh_every >= 0,
-              "learner.vocab_refresh_min_gain": 0 <= learner.vocab_refresh_min_gain <= 1,
-              "learner.vocab_half_life_tokens": learner.vocab_half_life_tokens >= 1,
-              "learner.vocab_prompt_weight": learner.vocab_prompt_weight >= 0}
-    for key, ok in checks.items():
-        if not ok:
-            value = getattr(learner, key.split(".")[1])
-            raise ValueError(f"{key}={value} is out of range (refresh_every >= 0, min_gain in [0, 1], "
-                             "half_life_tokens >= 1, prompt_weight >= 0)")
 
 
 def _validate_sglang(cfg: RunConfig) -> None:

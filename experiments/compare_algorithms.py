@@ -175,9 +175,10 @@ def data_key(args) -> dict:
                                           "seed")}
 
 
-def learner_config(args, algorithm: str, algorithm_args: dict | None = None) -> LearnerConfig:
-    return LearnerConfig(algorithm=algorithm, algorithm_args=dict(algorithm_args or {}), lr=args.lr,
-                         warmup_steps=args.warmup_steps, depth=args.depth, replay_ratio=args.replay_ratio)
+def learner_config(args) -> LearnerConfig:
+    # prompt_bases 0: the configuration this experiment's published figures were measured with.
+    return LearnerConfig(lr=args.lr, warmup_steps=args.warmup_steps, depth=args.depth, replay_ratio=args.replay_ratio,
+                         prompt_bases=0)
 
 
 def prepare_data(args, out: Path, target, head: torch.Tensor, traffic, day0: Eagle3Draft):
@@ -200,8 +201,8 @@ def prepare_data(args, out: Path, target, head: torch.Tensor, traffic, day0: Eag
     log(f"phase A: {a['generated_tokens']} tokens in {a['seconds']:.0f}s ({a['tokens_per_s']:.1f} tok/s), "
         f"accept length {a['accept_length']:.3f}")
     t0 = time.perf_counter()
-    run = train_offline(a["traces"], day0, head, learner_config(args, "eagle3_kl"), args.behaviour_updates,
-                        args.batch_traces, args.seed)
+    run = train_offline(a["traces"], day0, head, learner_config(args), args.behaviour_updates,
+                        args.batch_traces, args.seed, algorithm="eagle3_kl")
     behaviour, version = run.learner.draft.eval(), run.learner.policy_version
     log(f"behaviour draft: eagle3_kl, {args.behaviour_updates} updates in {time.perf_counter() - t0:.0f}s, "
         f"policy version {version}")
@@ -458,7 +459,7 @@ def run(args: argparse.Namespace) -> dict:
         return table
 
     for name, algo, algo_args in runs:
-        cfg = learner_config(args, algo, algo_args)
+        cfg = learner_config(args)
         t0 = time.perf_counter()
         mfile = open(out / f"metrics_{name}{args.suffix}.jsonl", "w")
 
@@ -469,7 +470,7 @@ def run(args: argparse.Namespace) -> dict:
                     f"length_sim {m.get('accept/length_sim', float('nan')):.3f} ({time.perf_counter() - t0:.0f}s)")
 
         run = train_offline(traces, behaviour, head, cfg, args.updates, args.batch_traces, args.train_seed,
-                            on_update)
+                            on_update, algorithm=algo, algorithm_args=algo_args)
         mfile.close()
         train_s = time.perf_counter() - t0
         log(f"{name}: {args.updates} updates in {train_s:.0f}s")

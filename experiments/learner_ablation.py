@@ -161,7 +161,8 @@ def data(args, out: Path):
 
 
 def run_variant(name: str, overrides: dict, day0, head, train, held, args) -> list[dict]:
-    cfg = LearnerConfig(**{"algorithm": "aurora", "lr": args.lr, "depth": args.depth, **overrides})
+    # replay 1 and no prompt rows unless a variant says otherwise: the settings its figures were measured with.
+    cfg = LearnerConfig(**{"lr": args.lr, "depth": args.depth, "replay_ratio": 1, "prompt_bases": 0, **overrides})
     learner = Learner(day0, head, cfg)
     curve = [{"learner_s": 0.0, "updates": 0, "traces": 0,
               "accept_length": held_out_accept_length(learner.draft, held, head, args.depth)}]

@@ -1,5 +1,6 @@
 """Unit tests for the draft's learning rules: each term on a hand-computed example, then the algorithms."""
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -11,11 +12,12 @@ from torch.testing import assert_close
 from algorithms import (
     AuroraConfig, Eagle3KLConfig, LossBatch, OSDConfig, get_algorithm, list_algorithms,
 )
+from algorithms.base import current_acceptance
 from algorithms.metrics import acceptance_metrics
 from algorithms.osd import rejected_entries
 from algorithms.terms import (
     acceptance_prob, chain_vtrace, depth_weights, drop_stale, effective_sample_size,
-    forward_kl_soft_ce, ntp_loss, policy_gradient_loss, reverse_kl, truncated_ratios,
+    forward_kl_soft_ce, greedy_acceptance, ntp_loss, policy_gradient_loss, reverse_kl, truncated_ratios,
 )
 
 pytestmark = pytest.mark.unit
@@ -46,11 +48,14 @@ def test_ntp_loss_hand_example():
 def test_reverse_kl_hand_example_and_grad_through_q_only():
     # q = [.75, .25], p = [.5, .5]: KL(q||p) = .75 ln 1.5 + .25 ln .5
     draft = t([[[LN(3), 0.0]]], requires_grad=True)
-    target = t([[[0.0, 0.0]]], requires_grad=True)
+    target = t([[[LN(0.5), LN(0.5)]]], requires_grad=True)
     loss = reverse_kl(draft, target, t([[True]]), t([1.0]))
     assert_close(loss, t(0.75 * LN(1.5) + 0.25 * LN(0.5)))
     loss.backward()
     assert target.grad is None and draft.grad.abs().sum() > 0
+    # Half the target's mass lies outside the draft vocab, p = [.25, .25] there: the true KL is
+    # .75 ln 3 + .25 ln 1, not the renormalised value above.
+    assert_close(reverse_kl(draft, t([[[LN(0.25), LN(0.25)]]]), t([[True]]), t([1.0])), t(0.75 * LN(3)))
 
 
 def test_forward_kl_soft_ce_hand_example():
@@ -63,12 +68,16 @@ def test_forward_kl_soft_ce_hand_example():
 
 def test_acceptance_prob_hand_example():
     # q = [.75, .25], p = [.5, .5]: Σ min = .5 + .25 = .75 (= 1 − TV(q, p) = 1 − .25)
-    q_logits, p_logits = t([LN(3), 0.0]), t([0.0, 0.0])
-    assert_close(acceptance_prob(q_logits, p_logits), t(0.75))
-    # Greedy target (argmax p = 1): accepted iff the draft samples token 1: q(1) = .25
-    assert_close(acceptance_prob(q_logits, t([0.0, 1.0]), greedy=True), t(0.25))
-    # A near one-hot p gives the same number as greedy.
-    assert_close(acceptance_prob(q_logits, t([0.0, 50.0])), t(0.25))
+    logq = t([LN(0.75), LN(0.25)])
+    assert_close(acceptance_prob(logq, t([0.5, 0.5])), t(0.75))
+    # The unnormalised alpha: the target puts .5 of its mass outside the draft vocab, p = [.3, .2]
+    # there: Σ min = .3 + .2 = .5; renormalising p to [.6, .4] would claim .6 + .25 = .85.
+    assert_close(acceptance_prob(logq, t([0.3, 0.2])), t(0.5))
+    assert_close(acceptance_prob(logq, t([0.6, 0.4])), t(0.85))
+    # Greedy target (argmax = 1): accepted iff the draft samples token 1: q(1) = .25; a target argmax
+    # outside the draft vocab (-1) is a certain rejection.
+    assert_close(greedy_acceptance(t([[LN(3), 0.0]]), t([1])), t([0.25]))
+    assert_close(greedy_acceptance(t([[LN(3), 0.0]]), t([-1])), t([0.0]))
 
 
 def test_depth_weights_gamma_and_reach():
@@ -124,8 +133,8 @@ def linear_draft_batch(W):
     V2 = .55, V1 = .55·1.55 = .8525;  A2 = −.55, A1 = 1 + v2 − V1 = 1 + 0 − .8525 > 0."""
     feats = torch.eye(2).unsqueeze(0)  # [N=1, K=2, F=2]
     p1, p2 = t([0.1, 0.1, 0.7, 0.1]), t([0.7, 0.1, 0.1, 0.1])
-    return LossBatch(
-        draft_logits=feats @ W, target_logits=torch.stack([p1, p2]).log().unsqueeze(0),
+    return LossBatch.sampled_rows(
+        draft_logits=feats @ W, target_logp=torch.stack([p1, p2]).log().unsqueeze(0),
         target_tokens=t([[2, 0]]), mask=t([[True, True]]),
         proposal_row=t([0]), proposals=t([[2, 3]]), behaviour_logp=torch.full((1, 2), LN(0.25)),
         accepted=t([1]), proposal_mask=t([[True, True]]), lag=t([0]),
@@ -147,13 +156,13 @@ def test_one_update_raises_accepted_and_lowers_rejected(how):
     def pg_term(b):
         logq = torch.log_softmax(b.draft_logits[b.proposal_row], -1).gather(
             -1, b.proposals.unsqueeze(-1)).squeeze(-1)
-        alpha = acceptance_prob(b.draft_logits.detach(), b.target_logits)[b.proposal_row]
+        alpha = current_acceptance(b)[b.proposal_row]
         vt = chain_vtrace(logq, b.behaviour_logp, b.accepted, b.proposal_mask, alpha)
         assert vt.pg_advantages[0, 0] > 0 > vt.pg_advantages[0, 1]
         return policy_gradient_loss(logq, vt.pg_advantages, vt.valid, t([1.0, 0.8]))
 
     algo = get_algorithm("aurora")
-    cfgs = {"aurora_pg_only": AuroraConfig(ntp_coef=0.0, rkl_coef=0.0), "aurora_default": AuroraConfig()}
+    cfgs = {"aurora_pg_only": AuroraConfig(ntp_coef=0.0, rkl_coef=0.0, accept_coef=0.0, pg_coef=0.5), "aurora_default": AuroraConfig()}
     fn = pg_term if how == "pg_term" else (lambda b: algo.loss(b, cfgs[how]).loss)
     before, after = one_sgd_step(fn)
     assert after[0, 2] > before[0, 2]  # accepted proposal at depth 1 went up
@@ -167,9 +176,9 @@ def random_batch(N=6, K=3, V=5, M=4, seed=0, lag=None):
     g = torch.Generator().manual_seed(seed)
     k = t([3, 2, 3, 1])[:M]
     accepted = t([1, 2, 3, 0])[:M]
-    return LossBatch(
+    return LossBatch.sampled_rows(
         draft_logits=torch.randn(N, K, V, generator=g).requires_grad_(),
-        target_logits=torch.randn(N, K, V, generator=g) * 2,
+        target_logp=torch.log_softmax(torch.randn(N, K, V + 1, generator=g) * 2, -1)[..., :V],
         target_tokens=torch.randint(-1, V, (N, K), generator=g),
         mask=torch.ones(N, K, dtype=torch.bool),
         proposal_row=t([0, 1, 2, 4])[:M], proposals=torch.randint(0, V, (M, K), generator=g),
@@ -191,7 +200,7 @@ def test_registry_lists_names_on_unknown():
     (AuroraConfig, {"rho_bar": 0.5}, r"rho_bar.*0\.5"),
     (AuroraConfig, {"max_lag": -1}, r"max_lag.*-1"),
     (AuroraConfig, {"pg_coef": -0.1}, r"pg_coef.*-0\.1"),
-    (AuroraConfig, {"greedy_verify": "yes"}, r"greedy_verify.*'yes'"),
+    (AuroraConfig, {"accept_coef": -0.1}, r"accept_coef.*-0\.1"),
     (Eagle3KLConfig, {"gamma": 0.0}, r"Eagle3KLConfig\.gamma.*0\.0"),
     (OSDConfig, {"divergence": "js"}, r"divergence.*forward_kl.*reverse_kl.*'js'"),
 ])
@@ -203,8 +212,9 @@ def test_config_validation_names_bad_value(cls, kwargs, pattern):
 def test_loss_batch_rejects_bad_shapes():
     b = random_batch()
     with pytest.raises(ValueError, match=r"mask.*\(6, 3\).*\(6, 2\)"):
-        LossBatch(b.draft_logits, b.target_logits, b.target_tokens, b.mask[:, :2], b.proposal_row,
-                  b.proposals, b.behaviour_logp, b.accepted, b.proposal_mask, b.lag)
+        dataclasses.replace(b, mask=b.mask[:, :2])
+    with pytest.raises(ValueError, match=r"deterministic.*\(4,\).*\(3,\)"):
+        dataclasses.replace(b, deterministic=b.deterministic[:3])
 
 
 @pytest.mark.parametrize("name", ["aurora", "eagle3_kl", "osd", "frozen"])
@@ -223,7 +233,7 @@ def test_frozen_has_no_grad_but_logs_acceptance():
     b = random_batch()
     out = get_algorithm("frozen").loss(b, get_algorithm("frozen").make_config())
     assert not out.loss.requires_grad and out.loss.item() == 0.0
-    alpha = acceptance_prob(b.draft_logits.detach(), b.target_logits)
+    alpha = current_acceptance(b)
     assert out.metrics["accept/depth_2"] == pytest.approx(alpha[:, 1].mean().item())
 
 
@@ -242,7 +252,7 @@ def test_osd_uses_only_first_rejected_positions():
     out.loss.backward()
     touched = (b.draft_logits.grad.abs().sum(-1) > 0).nonzero().tolist()
     assert touched == [[0, 1], [4, 0]]
-    expect = forward_kl_soft_ce(b.draft_logits[[0, 4], [1, 0]], b.target_logits[[0, 4], [1, 0]],
+    expect = forward_kl_soft_ce(b.draft_logits[[0, 4], [1, 0]], b.target_logp[[0, 4], [1, 0]],
                                 t([True, True]), 1.0)
     assert_close(out.loss, expect)
     assert out.metrics["osd/num_rejected"] == 2.0 and out.metrics["osd/no_rejections"] == 0.0
@@ -252,7 +262,7 @@ def test_osd_uses_only_first_rejected_positions():
 
 def test_osd_without_proposals_is_zero_with_grad_path():
     b = random_batch()
-    empty = LossBatch.without_proposals(b.draft_logits, b.target_logits, b.target_tokens, b.mask)
+    empty = LossBatch.sampled_rows(b.draft_logits, b.target_logp, b.target_tokens, b.mask)
     out = get_algorithm("osd").loss(empty, OSDConfig())
     assert out.loss.item() == 0.0 and out.loss.requires_grad
     out.loss.backward()
@@ -261,7 +271,7 @@ def test_osd_without_proposals_is_zero_with_grad_path():
 
 def test_aurora_with_no_proposals():
     b = random_batch()
-    empty = LossBatch.without_proposals(b.draft_logits, b.target_logits, b.target_tokens, b.mask)
+    empty = LossBatch.sampled_rows(b.draft_logits, b.target_logp, b.target_tokens, b.mask)
     out = get_algorithm("aurora").loss(empty, AuroraConfig(depth_weighting="reach"))
     out.loss.backward()
     assert torch.isfinite(b.draft_logits.grad).all() and b.draft_logits.grad.abs().sum() > 0
@@ -271,7 +281,7 @@ def test_aurora_with_no_proposals():
 
 def test_aurora_drops_stale_steps_and_counts_them():
     b = random_batch(lag=[0, 9, 12, 8])  # max_lag 8 drops steps 1 and 2
-    cfg = AuroraConfig(ntp_coef=0.0, rkl_coef=0.0)
+    cfg = AuroraConfig(ntp_coef=0.0, rkl_coef=0.0, accept_coef=0.0, pg_coef=0.5)
     out = get_algorithm("aurora").loss(b, cfg)
     assert out.metrics["offpolicy/dropped_stale"] == 2.0
     assert out.metrics["offpolicy/lag_max"] == 12.0 and out.metrics["offpolicy/lag_mean"] == 7.25
@@ -281,9 +291,10 @@ def test_aurora_drops_stale_steps_and_counts_them():
 
 
 def test_aurora_total_is_the_weighted_sum_of_terms():
-    cfg = AuroraConfig(ntp_coef=0.3, rkl_coef=2.0, pg_coef=0.7)
+    cfg = AuroraConfig(ntp_coef=0.3, rkl_coef=2.0, accept_coef=0.4, pg_coef=0.7)
     m = get_algorithm("aurora").loss(random_batch(), cfg).metrics
-    expect = 0.3 * m["losses/ntp"] + 2.0 * m["losses/rkl"] + 0.7 * m["losses/pg"]
+    expect = (0.3 * m["losses/ntp"] + 2.0 * m["losses/rkl"] - 0.4 * m["losses/expected_accept_length"]
+              + 0.7 * m["losses/pg"])
     assert m["losses/total"] == pytest.approx(expect)
 
 

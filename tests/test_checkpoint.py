@@ -25,8 +25,8 @@ def served():
 
 
 def trained(model, traces, updates=2) -> Learner:
-    cfg = LearnerConfig(algorithm="eagle3_kl", depth=DEPTH, warmup_steps=1, lr=1e-2, betas=(0.8, 0.9))
-    learner = Learner(make_draft(model), model.lm_head.weight, cfg)
+    cfg = LearnerConfig(depth=DEPTH, warmup_steps=1, lr=1e-2, betas=(0.8, 0.9), replay_ratio=1, prompt_bases=0)
+    learner = Learner(make_draft(model), model.lm_head.weight, cfg, algorithm="eagle3_kl")
     for _ in range(updates):
         learner.update(traces)
     return learner
@@ -66,7 +66,7 @@ def test_round_trip_and_resume_continue_training(served, tmp_path, monkeypatch):
     assert torch.equal(opt_state[0]["exp_avg"], learner.optimizer.state[learner.params[0]]["exp_avg"])
 
     resumed = resume_learner(tmp_path, model.lm_head.weight)
-    assert resumed.config == learner.config
+    assert resumed.config == learner.config and resumed.algorithm.name == "eagle3_kl"
     assert_same_learner(resumed, learner)
     # The same update on both gives the same weights, moments and next version (3).
     m_orig, m_res = learner.update(traces), resumed.update(traces)
@@ -79,9 +79,9 @@ def test_resume_with_a_new_config_keeps_moments(served, tmp_path):
     model, traces = served
     learner = trained(model, traces, updates=1)
     save_checkpoint(learner, tmp_path)
-    cfg = LearnerConfig(algorithm="aurora", depth=DEPTH, lr=5e-3)
-    resumed = resume_learner(tmp_path / "step-00000001", model.lm_head.weight, cfg)
-    assert resumed.config.algorithm == "aurora" and resumed.optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    cfg = LearnerConfig(depth=DEPTH, lr=5e-3)
+    resumed = resume_learner(tmp_path / "step-00000001", model.lm_head.weight, cfg, algorithm="aurora")
+    assert resumed.algorithm.name == "aurora" and resumed.optimizer.param_groups[0]["betas"] == (0.9, 0.95)
     p = resumed.params[1]
     assert torch.equal(resumed.optimizer.state[p]["exp_avg_sq"], learner.optimizer.state[learner.params[1]]["exp_avg_sq"])
 

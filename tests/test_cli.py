@@ -73,8 +73,7 @@ def test_group_options_set_their_section():
 
 @pytest.mark.unit
 def test_algorithm_files_spell_out_the_documented_defaults():
-    """Every algorithm's YAML lists its config dataclass's defaults (except greedy_verify, which the
-    learner derives from workload.temperature), so users see what they can override."""
+    """Every algorithm's YAML lists its config dataclass's defaults, so users see what they can override."""
     import dataclasses
 
     from algorithms import get_algorithm, list_algorithms
@@ -82,7 +81,6 @@ def test_algorithm_files_spell_out_the_documented_defaults():
     for name in list_algorithms():
         args = _run_config([f"algorithm={name}"]).algorithm.args
         defaults = dataclasses.asdict(get_algorithm(name).config_cls())
-        defaults.pop("greedy_verify")
         assert args == defaults, name
 
 

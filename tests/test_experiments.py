@@ -125,3 +125,27 @@ def test_learner_ablation_short(tmp_path):
         assert curve[-1]["updates"] > 0 and all(1.0 <= p["accept_length"] <= 1.0 + 4 for p in curve)
     assert (tmp_path / "learner_ablation.png").stat().st_size > 0
     assert "| prompt |" in (tmp_path / "learner_ablation.md").read_text()
+
+
+@pytest.mark.smoke
+def test_objective_ablation_short(tmp_path):
+    """Record both trace sets with the tiny model, train two arms one update each, print the table."""
+    import torch
+
+    threads = torch.get_num_threads()  # the scripts set their own; the rest of the session keeps its own
+    traces = tmp_path / "traces"
+    load("record_objective_traces").main(["--short", "--out", str(traces), "--threads", "1"])
+    assert (traces / "sampled" / "held_out.safetensors").is_file()
+    ablation = load("objective_ablation")
+    for s in ("greedy", "sampled"):
+        ablation.main(["--traces", str(traces), "--out", str(tmp_path), "--set", s, "--arms", "full", "osd",
+                       "--seeds", "0", "--updates", "1", "--batch-traces", "2", "--depth", "4"])
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert {(r["set"], r["arm"]) for r in runs} == {(s, a) for s in ("greedy", "sampled") for a in ("full", "osd")}
+    assert all(1.0 <= r["accept_length"] <= 4.0 and r["updates_per_s"] > 0 for r in runs)
+    # Greedy proposals are point masses: the full loss saw them as deterministic, none as stochastic.
+    assert all(r["deterministic_steps_last"] > 0 for r in runs if r["set"] == "greedy" and r["arm"] == "full")
+    assert all(r["deterministic_steps_last"] == 0 for r in runs if r["set"] == "sampled" and r["arm"] == "full")
+    table = ablation.table(tmp_path)
+    assert "| greedy | full | 1 |" in table and "| sampled | osd | 1 |" in table
+    torch.set_num_threads(threads)

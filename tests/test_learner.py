@@ -1,4 +1,4 @@
-"""The draft learner: losses go down, versions count optimizer steps, lag and stale drops are reported,
+"""The draft learner: losses go down, versions count published batches, lag and stale drops are reported,
 non-finite steps are skipped, bad configs are refused; offline training is deterministic."""
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def served():
     return model, list(traces)
 
 
-def new_learner(model, **cfg) -> Learner:
-    cfg = {"depth": DEPTH, "warmup_steps": 0, "lr": 1e-2, **cfg}
-    return Learner(make_draft(model), model.lm_head.weight, LearnerConfig(**cfg))
+def new_learner(model, algorithm="aurora", algorithm_args=None, **cfg) -> Learner:
+    cfg = {"depth": DEPTH, "warmup_steps": 0, "lr": 1e-2, "replay_ratio": 1, "prompt_bases": 0, **cfg}
+    return Learner(make_draft(model), model.lm_head.weight, LearnerConfig(**cfg), algorithm=algorithm,
+                   algorithm_args=algorithm_args)
 
 
 def weights(learner):
@@ -89,15 +90,16 @@ def test_frozen_changes_nothing(served):
 
 
 @pytest.mark.unit
-def test_policy_version_counts_optimizer_steps(served):
+def test_policy_version_counts_batches_not_optimizer_steps(served):
     model, traces = served
     learner = new_learner(model, algorithm="eagle3_kl")
     for i in range(1, 4):
         m = learner.update(traces)
         assert learner.step == learner.policy_version == i == m["learner/policy_version"]
-    replay = new_learner(model, algorithm="eagle3_kl", replay_ratio=2)
+    # Three optimizer passes over one batch publish one new version: lag is counted in versions.
+    replay = new_learner(model, algorithm="eagle3_kl", replay_ratio=3)
     replay.update(traces)
-    assert replay.step == replay.policy_version == 2
+    assert replay.step == 3 and replay.policy_version == 1
 
 
 @pytest.mark.unit
@@ -134,12 +136,12 @@ def test_publishable_state_excludes_frozen_embedding(served):
 def test_stale_proposals_report_lag_and_max_lag_drops_them(served):
     model, traces = served
     steps = sum(int((t.lookahead > 0).sum()) for t in traces)
-    cfg = LearnerConfig(depth=DEPTH, algorithm="aurora")
+    cfg = LearnerConfig(depth=DEPTH)
     learner = Learner(make_draft(model), model.lm_head.weight, cfg, policy_version=3)
     m = learner.update(traces)
     assert m["offpolicy/lag_mean"] == 3.0 and m["offpolicy/dropped_stale"] == 0.0
-    strict = LearnerConfig(depth=DEPTH, algorithm="aurora", algorithm_args={"max_lag": 0})
-    m = Learner(make_draft(model), model.lm_head.weight, strict, policy_version=3).update(traces)
+    m = Learner(make_draft(model), model.lm_head.weight, cfg, policy_version=3,
+                algorithm_args={"max_lag": 0}).update(traces)
     assert m["offpolicy/lag_mean"] > 0 and m["offpolicy/dropped_stale"] == steps > 0
 
 
@@ -167,7 +169,7 @@ def test_non_finite_gradient_skips_the_step(served, algorithm):
     ("lr", float("nan")), ("dtype", "float8"),
 ])
 def test_bad_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=f"LearnerConfig.{field}"):
+    with pytest.raises(ValueError, match=f"learner.{field}"):
         LearnerConfig(**{field: value})
 
 
@@ -175,9 +177,9 @@ def test_bad_config_names_the_field(field, value):
 def test_bad_algorithm_lists_valid_names(served):
     model, _ = served
     with pytest.raises(ValueError, match="unknown algorithm 'nope'.*eagle3_kl"):
-        Learner(make_draft(model), model.lm_head.weight, LearnerConfig(algorithm="nope"))
+        Learner(make_draft(model), model.lm_head.weight, LearnerConfig(), algorithm="nope")
     with pytest.raises(ValueError, match="max_lag"):
-        Learner(make_draft(model), model.lm_head.weight, LearnerConfig(algorithm_args={"max_lag": -1}))
+        Learner(make_draft(model), model.lm_head.weight, LearnerConfig(), algorithm_args={"max_lag": -1})
 
 
 # ---- offline ------------------------------------------------------------------------------------
@@ -194,9 +196,10 @@ def test_train_offline_is_deterministic(served):
     model, traces = served
     draft = make_draft(model)
     w_init = {n: p.detach().clone() for n, p in draft.named_parameters()}
-    cfg = LearnerConfig(algorithm="eagle3_kl", depth=DEPTH, warmup_steps=0, lr=1e-2)
+    cfg = LearnerConfig(depth=DEPTH, warmup_steps=0, lr=1e-2, replay_ratio=1, prompt_bases=0)
     head = model.lm_head.weight
-    runs = [train_offline(traces, draft, head, cfg, num_updates=3, batch_traces=2, seed=s) for s in (7, 7, 8)]
+    runs = [train_offline(traces, draft, head, cfg, num_updates=3, batch_traces=2, seed=s, algorithm="eagle3_kl")
+            for s in (7, 7, 8)]
     (l1, m1), (l2, m2), (l3, _) = runs
     assert len(m1) == 3 and [m["offline/update"] for m in m1] == [1.0, 2.0, 3.0] and l1.step == 3
     for n, p in l1.draft.named_parameters():
@@ -258,7 +261,7 @@ def test_learner_does_not_touch_the_callers_draft(served):
     model, traces = served
     draft = make_draft(model).to_dtype(torch.bfloat16).eval()
     before = {k: v.clone() for k, v in draft.state_dict().items()}
-    learner = Learner(draft, model.lm_head.weight, LearnerConfig(algorithm="eagle3_kl", depth=DEPTH))
+    learner = Learner(draft, model.lm_head.weight, LearnerConfig(depth=DEPTH), algorithm="eagle3_kl")
     learner.update(traces)
     assert draft.fc.weight.dtype == torch.bfloat16 and not draft.training
     for k, v in draft.state_dict().items():
@@ -267,7 +270,7 @@ def test_learner_does_not_touch_the_callers_draft(served):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("bad", [dict(grad_clip=-1.0), dict(weight_decay=-0.1), dict(betas=(0.9, 1.0)),
-                                 dict(algorithm="nope")])
+                                 dict(batch_traces=0), dict(publish_every=0), dict(checkpoint_every=-1)])
 def test_more_bad_learner_configs(bad):
-    with pytest.raises(ValueError, match=next(iter(bad)) if "algorithm" not in bad else "valid"):
+    with pytest.raises(ValueError, match=f"learner.{next(iter(bad))}"):
         LearnerConfig(**bad)

@@ -22,7 +22,7 @@ def test_prompt_rows_come_after_the_generated_rows_and_leave_them_unchanged(serv
         P, n = len(t.prompt_ids), int(plain.ttt.base_valid[b].sum())
         assert torch.equal(mixed.ttt.bases[b, :n], plain.ttt.bases[b, :n])
         assert torch.equal(mixed.target_tokens[b, :n], plain.target_tokens[b, :n])
-        torch.testing.assert_close(mixed.target_logits[b, :n], plain.target_logits[b, :n])
+        torch.testing.assert_close(mixed.target_logp[b, :n], plain.target_logp[b, :n])
         extra = mixed.ttt.bases[b, n:][mixed.ttt.base_valid[b, n:]]
         assert len(extra) == min(3, P - 1)
         assert bool((extra < P - 1).all()) and len(extra.unique()) == len(extra)
@@ -92,5 +92,5 @@ def test_learner_learns_the_prompt_rows_only_when_asked(served):
 def test_negative_prompt_bases_is_refused():
     from aurora_rl.training.learner import LearnerConfig
 
-    with pytest.raises(ValueError, match="LearnerConfig.prompt_bases"):
+    with pytest.raises(ValueError, match="learner.prompt_bases"):
         LearnerConfig(prompt_bases=-1)

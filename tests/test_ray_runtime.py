@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from aurora_rl.config import (ClusterSection, EngineSection, EvalSection, LearnerSection, ModelSection, RunConfig,
+from aurora_rl.config import (ClusterSection, EngineSection, EvalSection, LearnerConfig, ModelSection, RunConfig,
                               WorkloadSection)
 
 pytestmark = pytest.mark.smoke
@@ -19,7 +19,7 @@ def tiny_config(out: Path, **kw) -> RunConfig:
     base = dict(
         model=ModelSection(target="tiny", dtype="float32", draft_vocab_size=64, vocab_sample=16),
         engine=EngineSection(num_slots=4, max_len=128, lookahead=3, weight_poll_steps=2),
-        learner=LearnerSection(batch_traces=4, replay_ratio=1, depth=3, checkpoint_every=1, warmup_steps=1),
+        learner=LearnerConfig(batch_traces=4, replay_ratio=1, depth=3, checkpoint_every=1, warmup_steps=1),
         workload=WorkloadSection(source="random", phases=[{"domain": "code", "requests": 400}], max_tokens=16,
                                  held_out=4),
         cluster=ClusterSection(), eval=EvalSection(max_tokens=16), time_budget_s=120, max_requests=32,

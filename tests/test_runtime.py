@@ -42,7 +42,7 @@ def test_sample_policy_evicts_and_oversized_traces_are_counted():
 
 @pytest.mark.unit
 def test_stale_traces_are_dropped_and_counted():
-    buf = TraceBuffer(BufferSection(max_traces=10, max_lag=2))
+    buf = TraceBuffer(BufferSection(max_traces=10, max_trace_lag=2))
     buf.put(entries(2, version=1) + entries(2, version=5, start=2))
     got = buf.get_batch(4, current_version=6)
     assert [e.request_id for e in got] == ["r2", "r3"]

@@ -193,7 +193,7 @@ def test_learner_on_sglang_traces_switches_off_the_proposal_terms_and_says_so(al
                               torch.float32).trace,
               recompute_trace(model, [8, 4], [60, 61, 62], {}, 0, torch.float32).trace]
     learner = Learner(make_draft(model, vocab=128), model.lm_head.weight,
-                      LearnerConfig(algorithm=algorithm, depth=3, warmup_steps=0))
+                      LearnerConfig(depth=3, warmup_steps=0), algorithm=algorithm)
     m = learner.update(traces)
     assert m["learner/traces_without_proposals"] == 2 and m["learner/traces"] == 2
     assert m["data/num_steps"] == 0 and m["offpolicy/num_proposal_tokens"] == 0 and m["data/num_tokens"] > 0

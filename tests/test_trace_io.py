@@ -23,15 +23,17 @@ from tests.test_learner import served_traces
 def traces():
     out = list(served_traces()[1][:3])
     # Exercise the non-default non-tensor fields too.
-    out[1] = dataclasses.replace(out[1], status=TraceStatus.ABORTED, finish_reason=None, greedy=False)
+    out[1] = dataclasses.replace(out[1], status=TraceStatus.ABORTED, finish_reason=None, greedy=False,
+                                 temperature=0.7, top_p=0.9, top_k=5)
     return out
 
 
 def assert_same(a, b):
-    assert (a.request_id, a.status, a.finish_reason, a.greedy) == (b.request_id, b.status, b.finish_reason, b.greedy)
-    for name in TENSOR_FIELDS:
+    keys = ("request_id", "status", "finish_reason", "greedy", "temperature", "top_p", "top_k")
+    assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys]
+    for name in TENSOR_FIELDS + trace_io.OPTIONAL_FIELDS:
         x, y = getattr(a, name), getattr(b, name)
-        assert x.dtype == y.dtype and torch.equal(x, y), name
+        assert x.dtype == y.dtype and torch.equal(x.nan_to_num(), y.nan_to_num()), name  # NaN: not computed
 
 
 def raw(path):

@@ -75,6 +75,24 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
+def served_stats(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[R, 3] normalisers of the distribution rows of ``logits`` [R, V] are verified under (see ``Trace``).
+
+    Columns: logsumexp of z = logits/T over the whole vocabulary (T = 1 when greedy: the point mass has
+    no normaliser, and T = 1 is what the learner distils greedy traffic at); the smallest z that
+    ``processed_probs`` keeps (-inf when top-k/top-p cut nothing); logsumexp of z over the kept set.
+    With them, p(v) = exp(z_v - col2) where z_v >= col1, else 0, for any subset of the vocabulary.
+    """
+    temperature = 1.0 if params.greedy else params.temperature
+    z = logits.float() / temperature
+    logz = torch.logsumexp(z, -1)
+    if params.greedy or (params.top_p >= 1.0 and not params.top_k):
+        return torch.stack([logz, torch.full_like(logz, float("-inf")), logz], -1)
+    kept = processed_probs(logits, params) > 0
+    cut = z.masked_fill(~kept, float("inf")).amin(-1)
+    return torch.stack([logz, cut, torch.logsumexp(z.masked_fill(~kept, float("-inf")), -1)], -1)
+
+
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of ``probs`` [..., V]."""
     flat = probs.reshape(-1, probs.shape[-1])

@@ -180,8 +180,8 @@ class SpecDecoder:
             out = engine.runner.extend([seq.slot], [seq.prompt_ids], last_only=True, with_taps=True)
             (tok,) = sample_tokens(out.logits, [seq.params], [seq.generator])
             if self.config.capture_traces:
-                rec = self._recorders[seq.request_id] = TraceRecorder(self._trace_dtype)
-                rec.add_positions(out.taps[0], out.hidden[0])
+                rec = self._recorders[seq.request_id] = TraceRecorder(self._trace_dtype, seq.params)
+                rec.add_positions(out.taps[0], out.hidden[0], out.logits[:1])
             self._defer(seq.slot, 0, seq.prompt_ids[1:] + [tok], out.taps[0, : len(seq.prompt_ids)])
             engine.append_tokens(seq, [tok])
 
@@ -223,7 +223,8 @@ class SpecDecoder:
                 self.copy_accepted += v.accepted
             rec = self._recorders.get(seq.request_id)
             if rec is not None:
-                rec.add_positions(out.taps[b, : v.accepted + 1], out.hidden[b, : v.accepted + 1])
+                rec.add_positions(out.taps[b, : v.accepted + 1], out.hidden[b, : v.accepted + 1],
+                                  out.logits[b, : v.accepted + 1])
                 rec.add_step(starts[b] - 1, props[b], logps[b], v.accepted, self.policy_version, dt,
                              copied=bool(copies[b]))
             engine.append_tokens(seq, new_tokens[b])
@@ -301,12 +302,6 @@ class SpecDecoder:
         # Never draft past max_tokens or the context: those proposals could not be kept.
         return [max(0, min(k, seq.room(engine.config.max_len))) for seq, k in zip(seqs, wanted)]
 
-    def _draft_probs(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-        """The behaviour distribution over the draft vocab (temperature 1 for greedy requests)."""
-        if seq.params.greedy:
-            return torch.softmax(logits.float(), -1)
-        return processed_probs(logits, seq.params)
-
     def _propose(self, seqs: list[Sequence], ks: list[int]):
         """Chains of proposals (target ids), their behaviour log-probs, and q over the target vocab."""
         props: list[list[int]] = [[] for _ in seqs]
@@ -321,12 +316,15 @@ class SpecDecoder:
             rows = [b for b, k in enumerate(ks) if k >= depth]
             for b in rows:
                 seq = seqs[b]
-                probs = self._draft_probs(logits[b], seq)
-                d = int(logits[b].argmax()) if seq.params.greedy else int(sample_from(probs, seq.generator))
-                props[b].append(int(d2t[d]))
-                logps[b].append(float(torch.log(probs[d].clamp_min(1e-30))))
-                if not seq.params.greedy:
+                if seq.params.greedy:  # a point mass at the argmax: its behaviour log-prob is log 1
+                    d, logp = int(logits[b].argmax()), 0.0
+                else:  # drawn from the draft's distribution under the request's temperature, top-k, top-p
+                    probs = processed_probs(logits[b], seq.params)
+                    d = int(sample_from(probs, seq.generator))
+                    logp = float(torch.log(probs[d].clamp_min(1e-30)))
                     qs[b].append(probs)
+                props[b].append(int(d2t[d]))
+                logps[b].append(logp)
             rows = [b for b in rows if ks[b] > depth]
             if not rows:
                 continue

@@ -4,6 +4,9 @@ A trace holds the prompt and completion ids; the target's tapped features (three
 concatenated) and final-norm hidden state for every position the target computed and kept; and one
 row per verify step: the base position, the proposals, the behaviour draft's log-probabilities, the
 accepted count, the draft policy version, and timings. Stored dtype is configurable (bf16 default).
+It also carries how the request was sampled (temperature, top-p, top-k) and, per position where the
+target's full logits were at hand, the normalisers of the distribution it was verified under
+(``served_stats``), so the learner can compute every term at that distribution over the full vocabulary.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from aurora_rl.engine.sampling import SamplingParams, served_stats
 
 
 class TraceStatus(enum.Enum):
@@ -53,10 +58,32 @@ class Trace:
     """[S] bool: the step's proposals were copied from the context (``engine.context_copy``), not drawn
     from the draft; their behaviour log-probs are 0 and the learner's proposal terms skip them. None
     (traces from before the field, or from an engine without copies) means all False."""
+    temperature: float = 0.0
+    """Sampling temperature the request was served and verified at (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus mass of the request (1 = no nucleus truncation)."""
+    top_k: int = 0
+    """Top-k of the request (0 = none)."""
+    served_stats: torch.Tensor | None = None
+    """[L, 3] float32, row i for the distribution of token i+1 (``engine.sampling.served_stats``): the
+    log-normaliser of logits/T over the full vocabulary (T = 1 for greedy requests), the smallest kept
+    logit/T of the top-k/top-p set (-inf when nothing is cut) and the log-normaliser of the kept set.
+    NaN rows where the engine had no full logits (prompt positions but the last); None (older traces,
+    SGLang's) means all NaN: the learner recomputes what it needs there."""
 
     def __post_init__(self) -> None:
+        if (self.temperature == 0.0) != bool(self.greedy):
+            raise ValueError(f"Trace {self.request_id!r}: greedy={self.greedy} with temperature={self.temperature} "
+                             "(a greedy trace has temperature 0, a sampled one > 0)")
         if self.copied is None:
             self.copied = torch.zeros(self.accepted.shape[0], dtype=torch.bool)
+        if self.served_stats is None:
+            self.served_stats = torch.full((self.taps.shape[0], 3), float("nan"))
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The sampling parameters the request was verified under (stop conditions not kept)."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
     @property
     def verify_steps(self) -> int:
@@ -87,14 +114,22 @@ class TraceRecorder:
     """Accumulates one request's features and verify steps while it is served."""
 
     dtype: torch.dtype = torch.bfloat16
+    params: SamplingParams = field(default_factory=SamplingParams)
+    """How the request samples: its traces say so, and the served stats are computed under it."""
     taps: list[torch.Tensor] = field(default_factory=list)
     hidden: list[torch.Tensor] = field(default_factory=list)
+    stats: list[torch.Tensor] = field(default_factory=list)
     steps: list[tuple] = field(default_factory=list)
     t_step: float = field(default_factory=time.perf_counter)
 
-    def add_positions(self, taps: torch.Tensor, hidden: torch.Tensor) -> None:
+    def add_positions(self, taps: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        """Kept positions' features; ``logits`` [R, V] are the target's full logits of the last R of them."""
         self.taps.append(taps.to(self.dtype))
         self.hidden.append(hidden.to(self.dtype))
+        stats = torch.full((taps.shape[0], 3), float("nan"))
+        if logits is not None and logits.shape[0]:
+            stats[taps.shape[0] - logits.shape[0]:] = served_stats(logits, self.params)
+        self.stats.append(stats)
 
     def add_step(self, position: int, proposals: list[int], logp: list[float], accepted: int, version: int,
                  seconds: float, copied: bool = False) -> None:
@@ -105,6 +140,7 @@ class TraceRecorder:
         L = len(prompt_ids) + len(output_ids) - 1
         taps = torch.cat(self.taps)[:L] if self.taps else torch.zeros(0, 0, dtype=self.dtype)
         hidden = torch.cat(self.hidden)[:L] if self.hidden else torch.zeros(0, 0, dtype=self.dtype)
+        stats = torch.cat(self.stats)[:L] if self.stats else torch.zeros(0, 3)
         K = max((len(s[1]) for s in self.steps), default=0)
         S = len(self.steps)
         proposals = torch.full((S, K), -1, dtype=torch.long)
@@ -119,5 +155,6 @@ class TraceRecorder:
             step_position=col(0, torch.long), proposals=proposals, behaviour_logp=logp,
             accepted=col(3, torch.long), lookahead=torch.tensor([len(s[1]) for s in self.steps], dtype=torch.long),
             policy_version=col(4, torch.long), step_time_s=col(5, torch.float32), copied=col(6, torch.bool),
-            status=status, finish_reason=finish_reason, greedy=greedy,
+            status=status, finish_reason=finish_reason, greedy=greedy, served_stats=stats,
+            temperature=float(self.params.temperature), top_p=float(self.params.top_p), top_k=int(self.params.top_k),
         )

@@ -4,7 +4,9 @@ It stores object-store references to traces plus small metadata (bytes, policy v
 tensors themselves. It is bounded in count and in bytes; when full, the configured policy decides:
 ``block`` refuses the new traces (the producer keeps them and retries: backpressure), ``drop_oldest``
 evicts from the front, ``sample`` evicts a random entry. Batches handed to the learner skip traces
-older than ``max_lag`` policy versions. Every trace that does not reach the learner is counted by
+whose newest step is more than ``max_trace_lag`` published policy versions behind the learner (a
+whole-trace bound on how old the learner's data gets; ``algorithm.args.max_lag`` is the per-step
+bound of the policy-gradient term, in the same versions). Every trace that does not reach the learner is counted by
 reason. A plain class, run as a Ray actor by the driver.
 """
 
@@ -65,7 +67,7 @@ class TraceBuffer:
         while self._queue and len(out) < n:
             e = self._queue.popleft()
             self._bytes -= e.nbytes
-            if current_version - e.policy_version > self.config.max_lag:
+            if current_version - e.policy_version > self.config.max_trace_lag:
                 self.dropped["stale"] += 1
                 continue
             out.append(e)

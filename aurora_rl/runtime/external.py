@@ -141,7 +141,7 @@ class ExternalRollout:
                 self.sum_accepted += res.accepted_tokens
                 self.sum_completion += res.completion_tokens if res.verify_steps else 0
             if self.capture_traces and not rid.startswith("eval-") and summary["status"] == "finished" and res.output_ids:
-                self._record_trace(rid, prompt, res, self.backend.is_greedy(sampling))
+                self._record_trace(rid, prompt, res, sampling)
         except Exception as exc:  # reported per request in poll(), and counted; the worker keeps serving
             log.exception("%s request %s failed", self.source, rid)
             self._record_error(rid, exc)
@@ -153,11 +153,17 @@ class ExternalRollout:
             self._done.append(summary)
         return summary
 
-    def _record_trace(self, rid: str, prompt: list[int], res: GenerateResult, greedy: bool) -> None:
+    def _record_trace(self, rid: str, prompt: list[int], res: GenerateResult, sampling: Any) -> None:
+        greedy = self.backend.is_greedy(sampling)
+        # Backends hold sampling as a dict (SGLang) or a params object (vLLM); both name the fields alike.
+        field = sampling.get if isinstance(sampling, dict) else lambda k, d: getattr(sampling, k, d)
+        temperature = None if greedy else float(field("temperature", 1.0))
+        top_p, top_k = float(field("top_p", 1.0) or 1.0), max(int(field("top_k", 0) or 0), 0)
         t0 = time.perf_counter()
         with self._target_lock:  # one prefill at a time through the shared target
             rt = recompute_trace(self.target, prompt, res.output_ids, res.meta_info, self.policy_version,
-                                 self.trace_dtype, request_id=rid, greedy=greedy, finish_reason=res.finish_reason)
+                                 self.trace_dtype, request_id=rid, greedy=greedy, finish_reason=res.finish_reason,
+                                 temperature=temperature, top_p=top_p, top_k=top_k)
         rt.source = self.source
         with self._lock:
             self.recompute_s += time.perf_counter() - t0

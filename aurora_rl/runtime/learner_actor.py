@@ -20,45 +20,35 @@ import ray
 import torch
 from ray.exceptions import ObjectLostError
 
-from aurora_rl.config import AlgorithmSection, LearnerSection, WorkloadSection
+from aurora_rl.config import AlgorithmSection, WorkloadSection
 from aurora_rl.models.draft import DraftConfig, Eagle3Draft
 from aurora_rl.runtime.weights import check_finite
 from aurora_rl.training.checkpoint import latest_checkpoint, resume_learner, save_checkpoint
-from aurora_rl.training.learner import Learner, LearnerConfig
+from aurora_rl.training.learner import Learner
+from aurora_rl.training.learner_config import LearnerConfig
 
 log = logging.getLogger(__name__)
 
 
-def learner_config(section: LearnerSection, algorithm: AlgorithmSection, workload: WorkloadSection) -> LearnerConfig:
-    return LearnerConfig(
-        algorithm=algorithm.name, algorithm_args=dict(algorithm.args), lr=section.lr,
-        warmup_steps=section.warmup_steps, weight_decay=section.weight_decay, grad_clip=section.grad_clip,
-        depth=section.depth, dtype=section.dtype, grad_accum=section.grad_accum,
-        replay_ratio=section.replay_ratio, prompt_bases=section.prompt_bases,
-        vocab_refresh_every=section.vocab_refresh_every, vocab_refresh_min_gain=section.vocab_refresh_min_gain,
-        vocab_half_life_tokens=section.vocab_half_life_tokens, vocab_prompt_weight=section.vocab_prompt_weight,
-        greedy_verify=workload.temperature == 0.0,
-    )
-
-
 class LearnerActor:
-    def __init__(self, section: LearnerSection, algorithm: AlgorithmSection, workload: WorkloadSection,
+    def __init__(self, section: LearnerConfig, algorithm: AlgorithmSection, workload: WorkloadSection,
                  draft_config: DraftConfig, initial: tuple[int, list], target_head_ref: list, buffer: Any,
                  weight_store: Any, checkpoint_dir: str, threads: int = 1) -> None:
+        # ``workload`` is no longer read: every trace carries how its request was sampled.
         torch.set_num_threads(threads)
         self.section, self.buffer, self.store = section, buffer, weight_store
         self.checkpoint_dir = Path(checkpoint_dir)
         head = ray.get(target_head_ref[0])
-        config = learner_config(section, algorithm, workload)
+        rule = dict(algorithm=algorithm.name, algorithm_args=dict(algorithm.args))
         latest = latest_checkpoint(self.checkpoint_dir)
         if latest is not None:
-            self.learner = resume_learner(latest, head, config)
+            self.learner = resume_learner(latest, head, section, **rule)
             self.resumed_from = str(latest)
         else:
             version, (state_ref,) = initial
             draft = Eagle3Draft(draft_config)
             draft.load_state_dict(ray.get(state_ref))
-            self.learner = Learner(draft, head, config, policy_version=version)
+            self.learner = Learner(draft, head, section, policy_version=version, **rule)
             self.resumed_from = None
         # Versions published before a restart are already being served: continue above them.
         served = int(ray.get(weight_store.stats.remote())["weights/version"])

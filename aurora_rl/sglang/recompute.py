@@ -61,7 +61,8 @@ def _empty_steps() -> dict[str, torch.Tensor]:
 
 def recompute_trace(target, prompt_ids: list[int], output_ids: list[int], meta: dict, policy_version: int,
                     dtype: torch.dtype = torch.bfloat16, request_id: str = "", greedy: bool = True,
-                    finish_reason: str | None = None) -> RecomputedTrace:
+                    finish_reason: str | None = None, temperature: float | None = None, top_p: float = 1.0,
+                    top_k: int = 0) -> RecomputedTrace:
     """Trace for ``prompt_ids`` + ``output_ids`` with taps/hidden from one prefill through ``target``.
 
     ``meta`` is SGLang's ``meta_info`` (``spec_verify_ct``, ``spec_num_correct_drafts``,
@@ -90,5 +91,8 @@ def recompute_trace(target, prompt_ids: list[int], output_ids: list[int], meta: 
     trace = Trace(request_id=request_id, prompt_ids=torch.tensor(prompt_ids, dtype=torch.long),
                   output_ids=torch.tensor(output_ids, dtype=torch.long),
                   taps=out.taps[0].to("cpu", dtype), hidden=out.hidden[0].to("cpu", dtype),
-                  status=TraceStatus.FINISHED, finish_reason=finish_reason, greedy=greedy, **_empty_steps())
+                  status=TraceStatus.FINISHED, finish_reason=finish_reason, greedy=greedy, **_empty_steps(),
+                  # SGLang's default temperature is 1, as OpenAI's; None = that default for sampled requests.
+                  temperature=0.0 if greedy else (1.0 if temperature is None else float(temperature)),
+                  top_p=float(top_p), top_k=max(int(top_k), 0))
     return RecomputedTrace(trace, counters)

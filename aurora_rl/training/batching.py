@@ -11,6 +11,13 @@ draft-training rows at little cost. At a prompt position the target emitted noth
 is the target's greedy token there (argmax of its full lm_head over the stored hidden state), which is
 what greedy verification would check; the KL terms use the target distribution as everywhere else.
 Prompt rows come after a trace's generated rows and carry no logged proposals.
+
+Each row is computed at the distribution its request was verified under: logits at its temperature
+(T = 1 for greedy), the target's log-probabilities normalised over the FULL vocabulary with the
+normaliser the engine recorded (``Trace.served_stats``; recomputed here from the full lm_head where
+it was not recorded, e.g. prompt positions), and the target's top-k/top-p set from those stats. Where
+a top-k/top-p set was not recorded (prompt positions of such traffic: finding it needs a sort of the
+full vocabulary) the entry is marked ``nucleus_known = False`` and only the distillation terms use it.
 """
 
 from __future__ import annotations
@@ -28,8 +35,22 @@ from aurora_rl.training.ttt import TTTInputs
 @dataclass
 class TraceBatch:
     ttt: TTTInputs
-    target_logits: torch.Tensor
-    """[B, S, K, Vd] (no grad)."""
+    target_logp: torch.Tensor
+    """[B, S, K, Vd] log p_T over the full vocabulary at the draft ids (no grad); see ``LossBatch``."""
+    nucleus_logp: torch.Tensor
+    """[B, S, K] smallest kept log p_T of the target's top-k/top-p set (-inf: nothing cut)."""
+    nucleus_log_mass: torch.Tensor
+    """[B, S, K] log of the target's mass inside that set (0: nothing cut)."""
+    nucleus_known: torch.Tensor
+    """[B, S, K] bool: the set is known there."""
+    temperature: torch.Tensor
+    """[B] float: each trace's temperature (1 for greedy traces)."""
+    top_p: torch.Tensor
+    """[B] float."""
+    top_k: torch.Tensor
+    """[B] long."""
+    greedy: torch.Tensor
+    """[B] bool."""
     target_tokens: torch.Tensor
     """[B, S, K] draft ids of the emitted tokens, -1 outside the draft vocabulary."""
     mask: torch.Tensor
@@ -42,7 +63,9 @@ class TraceBatch:
     proposal_mask: torch.Tensor
     proposal_version: torch.Tensor
     """[M] long: draft version that made each logged step (lag is taken against the learner's version
-    at loss time, so replay passes see their true lag)."""
+    at loss time)."""
+    deterministic: torch.Tensor
+    """[M] bool: the step's proposals were greedy (a point mass)."""
     num_tokens: int
     """Rows with a valid depth-1 entry: generated tokens, plus prompt rows when those are trained on."""
 
@@ -50,12 +73,16 @@ class TraceBatch:
         """The algorithms' view; a trace from a newer version than the learner counts as lag 0 (the
         learner reports how many such steps it saw)."""
         B, S, K, V = draft_logits.shape
+        per_row = lambda t: t.repeat_interleave(S)  # noqa: E731  trace b's value on its S rows
+        logits = draft_logits.float() / self.temperature.view(B, 1, 1, 1)
         return LossBatch(
-            draft_logits=draft_logits.reshape(B * S, K, V).float(),
-            target_logits=self.target_logits.reshape(B * S, K, V),
+            draft_logits=logits.reshape(B * S, K, V), target_logp=self.target_logp.reshape(B * S, K, V),
+            nucleus_logp=self.nucleus_logp.reshape(B * S, K), nucleus_log_mass=self.nucleus_log_mass.reshape(B * S, K),
+            nucleus_known=self.nucleus_known.reshape(B * S, K), top_p=per_row(self.top_p),
+            top_k=per_row(self.top_k), greedy=per_row(self.greedy),
             target_tokens=self.target_tokens.reshape(B * S, K), mask=self.mask.reshape(B * S, K),
             proposal_row=self.proposal_row, proposals=self.proposals, behaviour_logp=self.behaviour_logp,
-            accepted=self.accepted, proposal_mask=self.proposal_mask,
+            deterministic=self.deterministic, accepted=self.accepted, proposal_mask=self.proposal_mask,
             lag=(policy_version - self.proposal_version).clamp(min=0),
         )
 
@@ -68,17 +95,35 @@ def _prompt_bases(P: int, budget: int, generator: torch.Generator | None) -> tor
     return torch.randperm(n, generator=generator)[:budget].sort().values
 
 
-def _greedy_labels(t: Trace, bases: torch.Tensor, depth: int, target_head: torch.Tensor) -> torch.Tensor:
-    """Tokens x_0..x_L of ``t``, with each prompt token that a chain from ``bases`` predicts replaced by
-    the target's greedy choice there (only those positions pay for the full lm_head)."""
-    tokens = t.tokens.clone()
-    P = len(t.prompt_ids)
-    if len(bases):
-        pos = (bases.view(-1, 1) + torch.arange(2, depth + 2)).flatten().unique()
-        pos = pos[pos <= P - 1]
-        with torch.no_grad():
-            tokens[pos] = (t.hidden[pos - 1].to(target_head.dtype) @ target_head.T).argmax(-1)
-    return tokens
+def _temperature(t: Trace) -> float:
+    return 1.0 if t.greedy else float(t.temperature)
+
+
+def _target_rows(t: Trace, bases: torch.Tensor, depth: int, target_head: torch.Tensor):
+    """(tokens x_0..x_L, served stats [L, 3]) of ``t`` for chains from ``bases``: each prompt token a
+    chain predicts replaced by the target's greedy choice there, and the log-normaliser filled in where
+    the engine did not record it. Only those positions pay for the full lm_head, in one product."""
+    tokens, stats = t.tokens.clone(), t.served_stats.float().clone()
+    P, L = len(t.prompt_ids), t.num_positions
+    if not len(bases):
+        return tokens, stats
+    hid = (bases.view(-1, 1) + torch.arange(1, depth + 1)).flatten().unique()
+    hid = hid[hid <= L - 1]  # hidden state at h predicts token h + 1
+    need = hid[(hid + 1 <= P - 1) | stats[hid, 0].isnan()]
+    if not len(need):
+        return tokens, stats
+    with torch.no_grad():
+        full = t.hidden[need].to(target_head.dtype) @ target_head.T
+        label = need + 1 <= P - 1
+        tokens[need[label] + 1] = full[label].argmax(-1)
+        missing = stats[need, 0].isnan()
+        rows = need[missing]
+        logz = torch.logsumexp(full[missing].float() / _temperature(t), -1)
+        cuts = not t.greedy and (t.top_p < 1.0 or t.top_k > 0)
+        # No sort of the full vocabulary here: where the engine kept no top-k/top-p set, it stays unknown.
+        stats[rows] = torch.stack([logz, torch.full_like(logz, float("nan") if cuts else float("-inf")),
+                                   torch.full_like(logz, float("nan")) if cuts else logz], -1)
+    return tokens, stats
 
 
 def collate(traces: list[Trace], draft: Eagle3Draft, target_head: torch.Tensor, depth: int,
@@ -105,14 +150,18 @@ def collate(traces: list[Trace], draft: Eagle3Draft, target_head: torch.Tensor, 
     labels = torch.zeros(B, T + 1, dtype=torch.long)
     feats = torch.zeros(B, T, F, dtype=draft.dtype)
     hidden = torch.zeros(B, T + K, H)
+    # Padding rows: a harmless normaliser (entries there are masked, but must stay finite for backward).
+    stats = torch.zeros(B, T + K, 3)
     bases = torch.zeros(B, S, dtype=torch.long)
     base_valid = torch.zeros(B, S, dtype=torch.bool)
     for b, (t, L, P, e) in enumerate(zip(traces, Ls, Ps, extra)):
         tokens[b, : L + 1] = t.tokens[: L + 1]
-        labels[b, : L + 1] = _greedy_labels(t, e, K, target_head)[: L + 1]
+        n = max(L - P, 0)
+        rows_tokens, rows_stats = _target_rows(t, torch.cat([torch.arange(P - 1, P - 1 + n), e]), K, target_head)
+        labels[b, : L + 1] = rows_tokens[: L + 1]
+        stats[b, :L] = rows_stats
         feats[b, :L] = t.taps.to(draft.dtype)
         hidden[b, :L] = t.hidden.float()
-        n = max(L - P, 0)
         bases[b, :n] = torch.arange(P - 1, P - 1 + n)
         bases[b, n:n + len(e)] = e
         base_valid[b, :n + len(e)] = True
@@ -123,20 +172,29 @@ def collate(traces: list[Trace], draft: Eagle3Draft, target_head: torch.Tensor, 
     mask = base_valid.unsqueeze(-1) & (pred_pos <= lengths.view(B, 1, 1) - 1)
     tgt_ids = labels.gather(1, (pred_pos + 1).clamp(max=T).view(B, -1)).view(B, S, K)
     target_tokens = draft.target_to_draft(tgt_ids).masked_fill(~mask, -1)
+    temperature = torch.tensor([_temperature(t) for t in traces])
     with torch.no_grad():
-        h = hidden.gather(1, pred_pos.clamp(max=T + K - 1).view(B, -1, 1).expand(-1, -1, H)).view(B, S, K, H)
+        flat = pred_pos.clamp(max=T + K - 1).view(B, -1)
+        h = hidden.gather(1, flat.unsqueeze(-1).expand(-1, -1, H)).view(B, S, K, H)
+        st = stats.gather(1, flat.unsqueeze(-1).expand(-1, -1, 3)).view(B, S, K, 3)
+        st = torch.where(mask.unsqueeze(-1), st, torch.tensor([0.0, float("-inf"), 0.0]))
         w = target_head[draft.draft_to_target].float()
-        target_logits = h @ w.T
+        target_logp = (h @ w.T) / temperature.view(B, 1, 1, 1) - st[..., 0:1]
+    known = ~st[..., 1].isnan()
     props = _proposals(traces, draft, bases, S, K)
     return TraceBatch(
         ttt=TTTInputs(tokens=tokens, features=feats, lengths=lengths, bases=bases, base_valid=base_valid),
-        target_logits=target_logits, target_tokens=target_tokens, mask=mask, num_tokens=int(mask[..., 0].sum()),
-        **props,
+        target_logp=target_logp, nucleus_logp=torch.where(known, st[..., 1] - st[..., 0], float("-inf")),
+        nucleus_log_mass=torch.where(known, st[..., 2] - st[..., 0], 0.0), nucleus_known=known,
+        temperature=temperature, top_p=torch.tensor([float(t.top_p) for t in traces]),
+        top_k=torch.tensor([int(t.top_k) for t in traces], dtype=torch.long),
+        greedy=torch.tensor([bool(t.greedy) for t in traces]),
+        target_tokens=target_tokens, mask=mask, num_tokens=int(mask[..., 0].sum()), **props,
     )
 
 
 def _proposals(traces, draft, bases, S: int, K: int) -> dict:
-    rows, props, logp, acc, pmask, lag = [], [], [], [], [], []
+    rows, props, logp, acc, pmask, lag, det = [], [], [], [], [], [], []
     for b, t in enumerate(traces):
         if t.verify_steps == 0:
             continue
@@ -158,10 +216,12 @@ def _proposals(traces, draft, bases, S: int, K: int) -> dict:
         logp.append(lp)
         acc.append(t.accepted[steps])
         lag.append(t.policy_version[steps])
+        det.append(torch.full((len(steps),), bool(t.greedy)))
     if not rows:
         z = torch.zeros(0, K)
         return dict(proposal_row=torch.zeros(0, dtype=torch.long), proposals=z.long(), behaviour_logp=z,
                     accepted=torch.zeros(0, dtype=torch.long), proposal_mask=z.bool(),
-                    proposal_version=torch.zeros(0, dtype=torch.long))
+                    proposal_version=torch.zeros(0, dtype=torch.long), deterministic=torch.zeros(0, dtype=torch.bool))
     return dict(proposal_row=torch.cat(rows), proposals=torch.cat(props), behaviour_logp=torch.cat(logp),
-                accepted=torch.cat(acc), proposal_mask=torch.cat(pmask), proposal_version=torch.cat(lag))
+                accepted=torch.cat(acc), proposal_mask=torch.cat(pmask), proposal_version=torch.cat(lag),
+                deterministic=torch.cat(det))

@@ -147,7 +147,8 @@ def save_optimizer(learner: Learner, path: Path) -> None:
 def _meta(learner: Learner, extra: dict | None) -> dict:
     return {
         "format": FORMAT, "step": learner.step, "policy_version": learner.policy_version,
-        "algorithm": learner.config.algorithm, "config": dataclasses.asdict(learner.config),
+        "algorithm": learner.algorithm.name, "algorithm_args": learner.algorithm_args,
+        "config": dataclasses.asdict(learner.config),
         "param_names": _trainable_names(learner), "extra": extra or {},
     }
 
@@ -285,22 +286,27 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(folder, draft, optimizer_state, meta)
 
 
-def resume_learner(path: str | Path, target_head: torch.Tensor, config: LearnerConfig | None = None) -> Learner:
+def resume_learner(path: str | Path, target_head: torch.Tensor, config: LearnerConfig | None = None,
+                   algorithm: str | None = None, algorithm_args: dict | None = None) -> Learner:
     """A learner with the checkpoint's weights, AdamW moments, step and policy version.
 
-    ``config`` defaults to the saved one; when given, its hyperparameters (lr, betas, ...) apply and
-    only the optimizer's moments and step counts come from the checkpoint.
+    ``config`` and the learning rule (``algorithm``, ``algorithm_args``) default to the saved ones; when
+    given, they apply and only the weights, the optimizer's moments and step counts come from the
+    checkpoint.
     """
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
     if config is None:
         try:
             config = LearnerConfig(**meta["config"])
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise CheckpointError(f"{ckpt.path / META}: saved learner config does not fit LearnerConfig ({e})") from e
-    elif config.algorithm != meta["algorithm"]:
-        log.info("resuming a %s checkpoint with algorithm %s", meta["algorithm"], config.algorithm)
-    learner = Learner(ckpt.draft, target_head, config, policy_version=int(meta["policy_version"]))
+    if algorithm is None:
+        algorithm, algorithm_args = meta["algorithm"], meta.get("algorithm_args", {})
+    elif algorithm != meta["algorithm"]:
+        log.info("resuming a %s checkpoint with algorithm %s", meta["algorithm"], algorithm)
+    learner = Learner(ckpt.draft, target_head, config, policy_version=int(meta["policy_version"]),
+                      algorithm=algorithm, algorithm_args=algorithm_args)
     learner.step = int(meta["step"])
     names = _trainable_names(learner)
     if names != meta["param_names"]:

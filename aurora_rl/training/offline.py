@@ -1,8 +1,8 @@
 """Offline training on saved traces: compare learning rules on identical data, debug the learner.
 
 Contract:
-- ``train_offline(traces, draft_init, target_head, learner_config, num_updates, batch_traces, seed)``
-  copies ``draft_init`` (the caller's draft is never modified), builds a ``Learner`` and runs
+- ``train_offline(traces, draft_init, target_head, learner_config, num_updates, batch_traces, seed,
+  algorithm=..., algorithm_args=...)`` copies ``draft_init`` (the caller's draft is never modified), builds a ``Learner`` and runs
   ``num_updates`` calls of ``Learner.update`` on batches of ``batch_traces`` traces drawn without
   replacement from a generator seeded with ``seed``. The batch sequence depends only on
   (len(traces), num_updates, batch_traces, seed), so two algorithms given the same seed see the
@@ -73,7 +73,8 @@ def check_traces_fit(traces: list[Trace], draft: Eagle3Draft, target_head: torch
 
 def train_offline(traces: list[Trace], draft_init: Eagle3Draft, target_head: torch.Tensor,
                   learner_config: LearnerConfig, num_updates: int, batch_traces: int, seed: int = 0,
-                  on_update: Callable[[int, dict[str, float]], None] | None = None) -> OfflineRun:
+                  on_update: Callable[[int, dict[str, float]], None] | None = None, algorithm: str = "aurora",
+                  algorithm_args: dict | None = None) -> OfflineRun:
     """Train a copy of ``draft_init`` for ``num_updates`` seeded updates on ``traces`` (see module doc)."""
     if not traces:
         raise ValueError("train_offline needs at least one trace")
@@ -85,7 +86,8 @@ def train_offline(traces: list[Trace], draft_init: Eagle3Draft, target_head: tor
         log.warning("batch_traces=%d > %d traces: every update uses all of them", batch_traces, len(traces))
     check_traces_fit(traces, draft_init, target_head)
     start_version = max((int(t.policy_version.max()) for t in traces if t.policy_version.numel()), default=0)
-    learner = Learner(copy.deepcopy(draft_init), target_head, learner_config, policy_version=start_version)
+    learner = Learner(copy.deepcopy(draft_init), target_head, learner_config, policy_version=start_version,
+                      algorithm=algorithm, algorithm_args=algorithm_args)
     metrics = []
     for i, batch in enumerate(batch_schedule(len(traces), num_updates, batch_traces, seed)):
         m = learner.update([traces[j] for j in batch])
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loaded {len(traces)} traces from {args.traces}")
     target = load_target_for_cli(args.target)
     draft = initial_draft(args, target, traces)
-    config = LearnerConfig(algorithm=args.algorithm, lr=args.lr, warmup_steps=args.warmup_steps, depth=args.depth)
+    config = LearnerConfig(lr=args.lr, warmup_steps=args.warmup_steps, depth=args.depth)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=args.updates, desc=f"offline {args.algorithm}", unit="update")
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"policy_version {int(m.get('learner/policy_version', 0))}")
 
         run = train_offline(traces, draft, target.lm_head.weight.detach(), config, args.updates,
-                            args.batch_traces, args.seed, on_update)
+                            args.batch_traces, args.seed, on_update, algorithm=args.algorithm)
     bar.close()
     learner = run.learner
     folder = save_eagle3(learner.draft, out / "draft", extra={

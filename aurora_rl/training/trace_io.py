@@ -2,7 +2,8 @@
 
 Contract:
 - ``save_traces(traces, path)`` writes one safetensors file. Tensors are keyed ``"{i}.{field}"`` for
-  every tensor field of ``Trace``; the non-tensor fields (request_id, status, finish_reason, greedy) go
+  every tensor field of ``Trace``; the non-tensor fields (request_id, status, finish_reason, greedy,
+  temperature, top_p, top_k; the last three optional on load) go
   into the header metadata as JSON, next to a format marker and the trace count. The file is written
   to a temp file beside ``path`` and moved into place with ``os.replace``: it is complete or absent.
 - ``load_traces(path)`` reads it back and validates every trace: a missing field, a wrong dtype or
@@ -43,14 +44,15 @@ _FLOAT = ("taps", "hidden", "behaviour_logp", "step_time_s")
 TENSOR_FIELDS = ("prompt_ids", "output_ids", "taps", "hidden", "step_position", "proposals", "behaviour_logp",
                  "accepted", "lookahead", "policy_version", "step_time_s")
 _RANK = {"taps": 2, "hidden": 2, "proposals": 2, "behaviour_logp": 2}
-OPTIONAL_FIELDS = ("copied",)
+OPTIONAL_FIELDS = ("copied", "served_stats")
 """Step columns added after format 1 was first written: saved always, absent in older files (default)."""
 _STEP_COLUMNS = ("step_position", "accepted", "lookahead", "policy_version", "step_time_s")
 
 
 def _info(t: Trace) -> dict:
     return {"request_id": t.request_id, "status": t.status.value, "finish_reason": t.finish_reason,
-            "greedy": bool(t.greedy)}
+            "greedy": bool(t.greedy), "temperature": float(t.temperature), "top_p": float(t.top_p),
+            "top_k": int(t.top_k)}
 
 
 def save_traces(traces: list[Trace], path: str | Path) -> Path:
@@ -146,7 +148,23 @@ def _read_trace(path: Path, i: int, info, handle, keys: set[str]) -> Trace:
             fields[name] = handle.get_tensor(f"{i}.{name}")
     check_trace_fields(fields, where)
     return Trace(request_id=info["request_id"], status=TraceStatus(info["status"]),
-                 finish_reason=info["finish_reason"], greedy=info["greedy"], **fields)
+                 finish_reason=info["finish_reason"], greedy=info["greedy"], **_sampling(info, where), **fields)
+
+
+def _sampling(info: dict, where: str) -> dict:
+    """The sampling fields of a trace's metadata; files from before them hold greedy traces only."""
+    out = {"temperature": info.get("temperature", 0.0 if info["greedy"] else 1.0),
+           "top_p": info.get("top_p", 1.0), "top_k": info.get("top_k", 0)}
+    bad = (isinstance(out["temperature"], bool) or not isinstance(out["temperature"], (int, float))
+           or out["temperature"] < 0 or (out["temperature"] == 0) != info["greedy"])
+    if bad:
+        raise ValueError(f"{where}: field 'temperature' = {out['temperature']!r} with greedy={info['greedy']} "
+                         "(expected 0 exactly when greedy)")
+    if not isinstance(out["top_p"], (int, float)) or not 0 < out["top_p"] <= 1:
+        raise ValueError(f"{where}: field 'top_p' = {out['top_p']!r}, expected a number in (0, 1]")
+    if not isinstance(out["top_k"], int) or out["top_k"] < 0:
+        raise ValueError(f"{where}: field 'top_k' = {out['top_k']!r}, expected an integer >= 0")
+    return out
 
 
 def check_trace_fields(f: dict[str, torch.Tensor], where: str) -> None:
@@ -179,6 +197,10 @@ def check_trace_fields(f: dict[str, torch.Tensor], where: str) -> None:
     if copied is not None and (copied.dtype != torch.bool or copied.shape != (steps,)):
         raise ValueError(f"{where}: field 'copied' has dtype {copied.dtype} and shape {tuple(copied.shape)}, "
                          f"expected torch.bool and ({steps},)")
+    stats = f.get("served_stats")
+    if stats is not None and (not stats.is_floating_point() or stats.shape != (rows, 3)):
+        raise ValueError(f"{where}: field 'served_stats' has dtype {stats.dtype} and shape {tuple(stats.shape)}, "
+                         f"expected a float tensor of shape ({rows}, 3)")
 
 
 def _check_widths(path: Path, traces: list[Trace]) -> None:
