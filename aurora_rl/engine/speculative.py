@@ -30,7 +30,10 @@ from aurora_rl.engine.context_copy import ContextIndex
 from aurora_rl.engine.sampling import processed_probs, sample_from, sample_tokens
 from aurora_rl.engine.sequence import Sequence, Status
 from aurora_rl.engine.spec_math import Verdict, greedy_verify_batch, rejection_verify
+from aurora_rl.engine.token_tree import MAX_TREE_NODES
 from aurora_rl.engine.trace import Trace, TraceRecorder, TraceStatus
+from aurora_rl.engine.tree_proposer import TreeProposer
+from aurora_rl.engine.tree_step import decode_trees
 from aurora_rl.models.draft import Eagle3Draft
 
 _TRACE_STATUS = {Status.FINISHED: TraceStatus.FINISHED, Status.ABORTED: TraceStatus.ABORTED,
@@ -57,6 +60,15 @@ class SpecConfig:
     copy_max_tokens: int = 0
     """Most tokens a copy may propose (0: ``lookahead``). A copy's k comes from the lookahead controller
     (an adaptive one picks it apart from the draft's) or, without one, is ``lookahead``."""
+    tree_topk: int = 0
+    """Token trees (``aurora_rl.engine.tree_step``): children per expanded draft node, EAGLE-2's top-k
+    (SGLang's ``--speculative-eagle-topk``). 0 proposes one chain per row (``lookahead`` tokens)."""
+    tree_budget: int = 8
+    """Proposed nodes per row and step in a tree, copies included (SGLang's
+    ``--speculative-num-draft-tokens`` is this plus the root). A lookahead controller that picks budgets
+    overrides it per step; 0 is plain decoding."""
+    tree_depth: int = 5
+    """Deepest draft expansion of a tree (SGLang's ``--speculative-num-steps``); copies may go deeper."""
 
     def __post_init__(self) -> None:
         if self.lookahead < 0:
@@ -68,6 +80,11 @@ class SpecConfig:
         if not 1 <= self.copy_min_match <= self.copy_max_match:
             raise ValueError(f"need 1 <= copy_min_match <= copy_max_match, got copy_min_match={self.copy_min_match}, "
                              f"copy_max_match={self.copy_max_match}")
+        if self.tree_topk < 0 or self.tree_budget < 0 or self.tree_depth < 1:
+            raise ValueError(f"need tree_topk >= 0, tree_budget >= 0 and tree_depth >= 1, got tree_topk="
+                             f"{self.tree_topk}, tree_budget={self.tree_budget}, tree_depth={self.tree_depth}")
+        if self.tree_budget > MAX_TREE_NODES - 1:
+            raise ValueError(f"tree_budget={self.tree_budget}: a tree holds at most {MAX_TREE_NODES - 1} proposals")
         if self.trace_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"trace_dtype={self.trace_dtype!r}; choose bfloat16, float16 or float32")
 
@@ -120,6 +137,10 @@ class SpecDecoder:
         self.copy_depth_proposed: list[int] = []
         """Of ``depth_proposed``, the copied proposals (the draft's are the difference)."""
         self.copy_depth_accepted: list[int] = []
+        self.tree_proposer = (TreeProposer(self.draft, self.cache, self.config.tree_topk, self.config.tree_depth)
+                              if self.config.tree_topk > 0 else None)
+        self.tree_nodes = 0
+        """Tree nodes proposed (verified) over the decoder's life, roots excluded."""
 
     # ---- hot swap -------------------------------------------------------------------------------
     def load_draft_state(self, state: dict[str, torch.Tensor], version: int) -> None:
@@ -173,6 +194,8 @@ class SpecDecoder:
             engine.append_tokens(seq, [tok])
 
     def decode(self, engine, seqs: list[Sequence]) -> None:
+        if self.tree_proposer is not None:
+            return decode_trees(self, engine, seqs)
         t0 = time.perf_counter()
         cands = self._copies(seqs)
         ks = self._lookaheads(engine, seqs, [bool(c) for c in cands])
@@ -287,6 +310,18 @@ class SpecDecoder:
             wanted = fn(seqs)
         # Never draft past max_tokens or the context: those proposals could not be kept.
         return [max(0, min(k, seq.room(engine.config.max_len))) for seq, k in zip(seqs, wanted)]
+
+    def _tree_budgets(self, engine, seqs: list[Sequence]) -> list[int]:
+        """Per row, the step's node budget: the controller's (one that ``picks_tree_budget``), else the
+        config's; a request's ``lookahead`` = 0 turns it off. Capped by the cache room and ``room``."""
+        fn = self.lookahead_fn
+        if fn is not None and getattr(fn, "picks_tree_budget", False):
+            wanted = fn(seqs)
+        else:
+            wanted = [0 if s.params.lookahead == 0 else self.config.tree_budget for s in seqs]
+        max_len = engine.config.max_len
+        return [0 if seq.room(max_len) <= 0 else max(0, min(n, max_len - int(engine.runner.lengths[seq.slot]) - 1))
+                for seq, n in zip(seqs, wanted)]
 
     def _draft_probs(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         """The behaviour distribution over the draft vocab (temperature 1 for greedy requests)."""
