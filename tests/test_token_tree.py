@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
+from aurora_rl.engine.adaptive_tree import AdaptiveTreeBudget, TreeBudgetConfig, quarter_budgets
 from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
 from aurora_rl.engine.token_tree import (COPY, TokenTree, ancestor_bits, greedy_tree_verify, rejection_tree_verify,
                                          select_nodes)
@@ -232,3 +233,56 @@ def test_sampled_tree_speculation_has_the_target_distribution():
     for i in (1, 2):
         stat, critical = chi_square_same_law([o.output_ids[i] for o in plain], [o.output_ids[i] for o in spec])
         assert stat < critical, f"token {i}: chi-square {stat:.1f} >= {critical:.1f} (p = 0.001)"
+
+
+@pytest.mark.unit
+def test_adaptive_tree_budget_chooses_by_measured_tokens_per_second():
+    ctl = AdaptiveTreeBudget([4, 8], TreeBudgetConfig(probe_steps=2, epsilon=0.0))
+    assert ctl.budgets == [0, 4, 8]
+    seen = []
+    for _ in range(6):  # probing: every budget twice before any choice
+        n = ctl.choose(4)
+        seen.append(n)
+        cost, acc = {0: (1.0, 0), 4: (1.2, 4), 8: (2.0, 6)}[n]
+        ctl.observe(4, n, cost, acc, 4)  # 4 rows: E = 1, 2, 2.5 tokens per row-step
+    assert sorted(seen) == [0, 0, 4, 4, 8, 8]
+    assert ctl.choose(4) == 4  # rates 1.0, 1.67, 1.25
+    useless = AdaptiveTreeBudget([4, 8], TreeBudgetConfig(probe_steps=1, epsilon=0.0))
+    for n in (0, 4, 8):
+        useless.observe(16, n, 1.0 + n / 8, 0, 16)
+    assert useless.choose(16) == 0  # nothing accepted: speculation never pays
+    assert quarter_budgets(12) == [0, 3, 6, 9, 12] and quarter_budgets(2) == [0, 1, 2] and quarter_budgets(0) == [0]
+    with pytest.raises(ValueError, match="budgets"):
+        AdaptiveTreeBudget([])
+
+
+@pytest.mark.unit
+def test_adaptive_tree_budget_in_the_engine_keeps_outputs_identical():
+    model, _ = tiny_target()
+    ps = prompts(5)
+    sp = SamplingParams(max_tokens=20, ignore_eos=True)
+    base = LLMEngine(model, EngineConfig(num_slots=3, max_len=64)).generate(ps, sp)
+    engine, dec = tree_engine(model, make_draft(model), 3, 8)
+    ctl = AdaptiveTreeBudget([2, 8], TreeBudgetConfig(probe_steps=2)).attach(dec)
+    outs = engine.generate(ps, sp)
+    assert [o.output_ids for o in outs] == [o.output_ids for o in base]
+    assert {0, 2, 8} <= set(ctl.chosen) and all(c[1] > 0 for cells in ctl.cost.values() for c in cells.values())
+    with pytest.raises(ValueError, match="tree_topk"):
+        AdaptiveTreeBudget([4]).attach(SpecDecoder(make_draft(model), 2, 32, SpecConfig()))
+
+
+@pytest.mark.unit
+def test_sglang_launch_args_take_the_tree_settings_of_the_engine():
+    from aurora_rl.config import EngineSection
+    from aurora_rl.sglang.args import SGLangServerConfig, build_launch_command
+
+    engine = EngineSection(kind="sglang", lookahead=3, tree_topk=4, tree_budget=11, tree_depth=5)
+    cfg = SGLangServerConfig.from_engine(engine, "m", "d")
+    pairs = dict(zip(build_launch_command(cfg)[3::2], build_launch_command(cfg)[4::2]))
+    assert (pairs["--speculative-eagle-topk"], pairs["--speculative-num-draft-tokens"],
+            pairs["--speculative-num-steps"]) == ("4", "12", "5")
+    chain = SGLangServerConfig.from_engine(EngineSection(kind="sglang", lookahead=3), "m", "d")
+    assert (chain.speculative_eagle_topk, chain.speculative_num_draft_tokens) == (1, 4)
+    clash = EngineSection(kind="sglang", tree_topk=4, sglang={"speculative_eagle_topk": 2})
+    with pytest.raises(ValueError, match="speculative_eagle_topk=2 contradicts engine.tree_topk"):
+        SGLangServerConfig.from_engine(clash, "m", "d")

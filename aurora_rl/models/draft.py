@@ -219,7 +219,7 @@ class Eagle3Draft(nn.Module):
         cpu_kernels.draft_layer(emb, hidden, resid, mlp_out, weights, self.rope.cos, self.rope.sin,
                                 positions.long().contiguous(), slots.long().contiguous(), cache.k[0], cache.v[0],
                                 kv_len, work, (c.num_heads, c.num_kv_heads, c.head_dim, H, c.intermediate_size),
-                                c.rms_norm_eps, tree=None if tree is None else (tree.cache_index, tree.mask))
+                                c.rms_norm_eps, **({} if tree is None else {"tree": (tree.cache_index, tree.mask)}))
         h, normed = cpu_kernels.add_rmsnorm(resid, mlp_out, self.norm.weight, c.rms_norm_eps)
         if logit_index is not None:
             rows = torch.arange(B)

@@ -190,7 +190,7 @@ class TargetModel(nn.Module):
             x, pending, resid, mlp_out, weights[i], self.rope.cos, self.rope.sin, ctx.positions, ctx.plan.slots,
             ctx.cache.k[i], ctx.cache.v[i], ctx.plan.kv_len, work,
             (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size), c.rms_norm_eps,
-            tree=None if ctx.tree is None else (ctx.tree.cache_index, ctx.tree.mask))
+            **({} if ctx.tree is None else {"tree": (ctx.tree.cache_index, ctx.tree.mask)}))
         return resid, mlp_out
 
     def runs_ragged(self, cache: SlotKVCache, tokens_per_row: int) -> bool:
