@@ -29,11 +29,12 @@ import torch
 from aurora_rl.engine.context_copy import ContextIndex
 from aurora_rl.engine.sampling import processed_probs, sample_from, sample_tokens
 from aurora_rl.engine.sequence import Sequence, Status
-from aurora_rl.engine.spec_math import Verdict, greedy_verify_batch, rejection_verify
+from aurora_rl.engine.spec_math import Verdict
 from aurora_rl.engine.token_tree import MAX_TREE_NODES
 from aurora_rl.engine.trace import Trace, TraceRecorder, TraceStatus
 from aurora_rl.engine.tree_proposer import TreeProposer
 from aurora_rl.engine.tree_step import decode_trees
+from aurora_rl.engine.verify import verify_chains
 from aurora_rl.models.draft import Eagle3Draft
 
 _TRACE_STATUS = {Status.FINISHED: TraceStatus.FINISHED, Status.ABORTED: TraceStatus.ABORTED,
@@ -392,30 +393,3 @@ class SpecDecoder:
         for b, (seq, t) in enumerate(zip(seqs, tokens)):
             self.cache.lengths[seq.slot] = starts[b] + len(t)
             self._state[seq.slot] = _SlotState(out.logits[b], out.hidden[b])
-
-
-def verify_chains(seqs: list[Sequence], props: list[list[int]], target_logits: torch.Tensor,
-                  draft_q: Callable[[int, int], torch.Tensor]) -> list[Verdict]:
-    """The accept rule for each row: greedy rows in one batched call, sampled rows by rejection sampling.
-
-    ``target_logits`` [B, >=K+1, V] come from the verify pass; ``draft_q(b, V)`` gives row b's draft
-    distribution [k, V] over the target vocabulary (only called for sampled rows).
-    """
-    K = max((len(p) for p in props), default=0)
-    if K == 0:  # nothing proposed (a k = 0 step): plain sampling, as a decode step without a draft does
-        tokens = sample_tokens(target_logits[:, 0], [s.params for s in seqs], [s.generator for s in seqs])
-        return [Verdict(0, t) for t in tokens]
-    verdicts: list[Verdict | None] = [None] * len(seqs)
-    greedy = [b for b, s in enumerate(seqs) if s.params.greedy]
-    if greedy:
-        prop = torch.tensor([props[b] + [-1] * (K - len(props[b])) for b in greedy], dtype=torch.long)
-        acc, nxt = greedy_verify_batch(prop.view(len(greedy), K), torch.tensor([len(props[b]) for b in greedy]),
-                                       target_logits[greedy, : K + 1].argmax(-1))
-        for i, b in enumerate(greedy):
-            verdicts[b] = Verdict(int(acc[i]), int(nxt[i]))
-    for b, seq in enumerate(seqs):
-        if verdicts[b] is None:
-            p = processed_probs(target_logits[b, : len(props[b]) + 1], seq.params)
-            verdicts[b] = rejection_verify(torch.tensor(props[b], dtype=torch.long), draft_q(b, p.shape[-1]), p,
-                                           seq.generator)
-    return verdicts  # type: ignore[return-value]

@@ -17,24 +17,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from aurora_rl.engine.sampling import processed_probs
 from aurora_rl.engine.sequence import Sequence
-from aurora_rl.engine.token_tree import COPY, TokenTree, TreeVerdict, greedy_tree_verify, rejection_tree_verify
-
-
-def verify_trees(seqs: list[Sequence], trees: list[TokenTree], target_logits: torch.Tensor) -> list[TreeVerdict]:
-    """The accept rule per row over the verify pass's logits [B, T, V] (node order)."""
-    argmax = target_logits.argmax(-1).tolist()
-    out = []
-    for b, (seq, tree) in enumerate(zip(seqs, trees)):
-        if seq.params.greedy:
-            out.append(greedy_tree_verify(tree, argmax[b]))
-        else:
-            p = processed_probs(target_logits[b, : len(tree)], seq.params)
-            out.append(rejection_tree_verify(tree, p, seq.generator))
-    return out
+from aurora_rl.engine.token_tree import COPY, TokenTree
+from aurora_rl.engine.verify import verify_trees
 
 
 def chain_of(tree: TokenTree, path: list[int]) -> list[int]:
