@@ -65,7 +65,7 @@ class Cell:
         if lookahead not in (None, CONTROL):
             copy = isinstance(lookahead, str) and lookahead.endswith(COPY)
             k = lookahead.removesuffix(COPY) if copy else lookahead
-            k = k if k == ADAPTIVE or not isinstance(k, str) else int(k)
+            k = k if k in (ADAPTIVE, TREE, ADAPTIVE_TREE) or not isinstance(k, str) else int(k)
             tree = tree or {}
             trees = k in (TREE, ADAPTIVE_TREE)
             fixed = max_lookahead if k in (ADAPTIVE, TREE, ADAPTIVE_TREE) else k
