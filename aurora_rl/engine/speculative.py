@@ -354,7 +354,10 @@ class SpecDecoder:
             if not rows:
                 continue
             slots = torch.tensor([seqs[b].slot for b in rows])
-            pos = torch.tensor([[int(self.cache.lengths[seqs[b].slot]) + depth - 2] for b in rows])
+            # The base is the last fed position i = length - 1; depth d + 1 runs at rope position
+            # i + d, in a fresh cache entry (as training's TTT unroll and vLLM's EAGLE3 proposer do).
+            # i + d - 1 here overwrote the target-feature key of the base with a chain key.
+            pos = torch.tensor([[int(self.cache.lengths[seqs[b].slot]) + depth - 1] for b in rows])
             toks = torch.tensor([[props[b][-1]] for b in rows])
             h = torch.stack([hidden[b] for b in rows]).unsqueeze(1)
             with torch.inference_mode():
