@@ -286,3 +286,22 @@ def test_sglang_launch_args_take_the_tree_settings_of_the_engine():
     clash = EngineSection(kind="sglang", tree_topk=4, sglang={"speculative_eagle_topk": 2})
     with pytest.raises(ValueError, match="speculative_eagle_topk=2 contradicts engine.tree_topk"):
         SGLangServerConfig.from_engine(clash, "m", "d")
+
+
+@pytest.mark.unit
+def test_a_top1_tree_proposes_the_chain():
+    """topk = 1 grows one branch: the same proposals and behaviour log-probs as a chain of that length (the
+    draft's deeper steps at the same RoPE positions, each in a fresh cache entry)."""
+    model, _ = tiny_target()
+    ps = prompts(4)
+    sp = SamplingParams(max_tokens=16, ignore_eos=True)
+    draft = make_draft(model, vocab=128, seed=2)
+    runs = []
+    for cfg in (SpecConfig(lookahead=4), SpecConfig(tree_topk=1, tree_budget=4, tree_depth=4)):
+        traces = []
+        dec = SpecDecoder(draft, 2, 64, cfg, trace_sink=traces.append)
+        outs = LLMEngine(model, EngineConfig(num_slots=2, max_len=64), decoder=dec).generate(ps, sp)
+        runs.append(traces_by_id(traces, outs))
+    for chain, tree in zip(*runs):
+        assert chain.proposals.tolist() == tree.proposals.tolist()
+        torch.testing.assert_close(chain.behaviour_logp, tree.behaviour_logp, atol=1e-5, rtol=1e-5)

@@ -50,16 +50,19 @@ class TreeProposer:
 
     def propose(self, seqs: list[Sequence], budgets: list[int], copies: list[list[int]],
                 states: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                probs_fn: Callable[[torch.Tensor, Sequence], torch.Tensor]) -> list[TokenTree]:
+                probs_fn: Callable[[torch.Tensor, Sequence], torch.Tensor],
+                max_depths: list[int] | None = None) -> list[TokenTree]:
         """Trees for ``seqs``: ``budgets[b]`` proposals at most (0: the root alone), ``copies[b]`` the copy
-        chain to put in first, ``states[b]`` = (depth-1 draft logits, hidden) for rows that draft."""
+        chain to put in first, ``states[b]`` = (depth-1 draft logits, hidden) for rows that draft, no
+        node deeper than ``max_depths[b]`` (the tokens a step could still keep)."""
+        max_depths = max_depths or [MAX_TREE_NODES] * len(seqs)
         pools: dict[int, _Pool] = {}
         hidden: dict[tuple[int, int], torch.Tensor] = {}
         for b, (logits, h) in states.items():
             pools[b] = _Pool([], [], [], [], [])
             self._expand(pools[b], -1, 0.0, probs_fn(logits, seqs[b]))
             hidden[b, -1] = h
-        depth_cap = {b: min(self.max_depth, budgets[b], (MAX_TREE_NODES - 1) // self.topk + 1,
+        depth_cap = {b: min(self.max_depth, budgets[b], max_depths[b], (MAX_TREE_NODES - 1) // self.topk + 1,
                             # every fed node takes a draft cache entry past the slot's length
                             (self.cache.max_len - int(self.cache.lengths[seqs[b].slot])) // self.topk + 1)
                      for b in pools}
@@ -76,7 +79,7 @@ class TreeProposer:
                     new += self._expand(pool, node, pool.scores[node], probs_fn(logits, seqs[b]))
                 new.sort(key=lambda i: (-pool.scores[i], i))
                 frontier[b] = new[: self.topk]
-        return [self._tree(seq, budgets[b], copies[b], pools.get(b)) for b, seq in enumerate(seqs)]
+        return [self._tree(seq, budgets[b], copies[b][: max_depths[b]], pools.get(b)) for b, seq in enumerate(seqs)]
 
     def _expand(self, pool: _Pool, parent: int, score: float, probs: torch.Tensor) -> list[int]:
         """Add the top-k children of ``parent`` (draft-vocab ``probs``) to the pool; their indices."""

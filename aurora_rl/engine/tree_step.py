@@ -44,7 +44,7 @@ def decode_trees(dec, engine, seqs: list[Sequence]) -> None:
     states = {b: (dec._state[seqs[b].slot].logits, dec._state[seqs[b].slot].hidden) for b in drafting}
     calls = dec.tree_proposer.draft_calls
     trees = dec.tree_proposer.propose(seqs, budgets, [c if n > 0 else [] for c, n in zip(copies, budgets)],
-                                      states, dec._draft_probs)
+                                      states, dec._draft_probs, [s.room(engine.config.max_len) for s in seqs])
     dec.draft_calls += dec.tree_proposer.draft_calls - calls
     starts = [int(engine.runner.lengths[s.slot]) for s in seqs]
     out = engine.runner.extend_tree([s.slot for s in seqs], trees)
