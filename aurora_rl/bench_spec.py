@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
             r["differing_outputs"] = sum(a != b for a, b in zip(r["outputs"], base["outputs"]))
             identical &= r["differing_outputs"] == 0
             rows.append(r)
+        # Each batch size as soon as it is measured: a long run cut short still leaves its figures.
+        print(markdown_table([r for r in rows if r["batch"] == batch]), flush=True)
         del cells
     b = int(args.batch_sizes.split(",")[-1]) if args.quick else 4
     capture_cells = [] if args.skip_capture else [Cell(target, tokenizer, draft, b, 4, capture=c) for c in (False, True)]
