@@ -305,3 +305,17 @@ def test_a_top1_tree_proposes_the_chain():
     for chain, tree in zip(*runs):
         assert chain.proposals.tolist() == tree.proposals.tolist()
         torch.testing.assert_close(chain.behaviour_logp, tree.behaviour_logp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.unit
+def test_tree_traces_survive_save_and_load(tmp_path):
+    from aurora_rl.training.trace_io import load_traces, save_traces
+
+    model, _ = tiny_target()
+    traces = []
+    engine, _ = tree_engine(model, make_draft(model, vocab=128), 3, 5, sink=traces.append)
+    engine.generate(prompts(2), SamplingParams(max_tokens=8, ignore_eos=True))
+    back = load_traces(save_traces(traces, tmp_path / "t.safetensors"))
+    for a, b in zip(traces, back):
+        for name in ("tree_offsets", "tree_tokens", "tree_parents", "tree_logp", "tree_copied", "tree_accepted"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
