@@ -11,6 +11,8 @@ Sections (one function each; more sections, e.g. speculative decoding, plug in t
   two differ and HF's logit gap between the two tokens there, from one full forward over the prompt and
   HF's tokens (a gap within bf16 resolution, ~0.1, is a near-tie that rounding can flip either way).
 - ``identity_fp32_section``: the requests that differed, again in float32 on both sides, one at a time.
+- ``deterministic_section`` (``aurora_rl.bench_deterministic``): the cost of ``engine.deterministic``
+  beside the default mode at each batch size, and how many greedy answers equal batch 1 in each mode.
 - ``bandwidth_section``: the memory-bandwidth bound of a batch-1 decode step, bytes of weights read per
   step (the tied embedding / lm_head once) over the copy bandwidth measured in this run
   (``copy_bandwidth``: read + written bytes per second of a large tensor copy), and our fraction of it.
@@ -272,6 +274,9 @@ def run(cfg: BenchConfig) -> dict:
         del model, hf
         results["identity_fp32"] = identity_fp32_section(path, tokenizer, prompts, differing, cfg.max_tokens)
         model = load_target(path, dtype)
+    from aurora_rl.bench_deterministic import deterministic_section
+
+    results["deterministic"] = deterministic_section(model, prompts, cfg.batch_sizes, cfg.max_tokens)
     results["bandwidth"] = bandwidth_section(model, prompts[0], cfg.decode_steps)
     return results
 
@@ -295,6 +300,10 @@ def format_table(results: dict) -> str:
     if "identity_fp32" in results:
         f = results["identity_fp32"]
         lines.append(f"  float32 re-check of the differing prompts: {f['identical']}/{f['checked']} identical")
+    if "deterministic" in results:
+        from aurora_rl.bench_deterministic import format_rows
+
+        lines += format_rows(results["deterministic"])
     b = results["bandwidth"]
     lines.append(f"batch-1 decode step {b['decode_step_ms']:.2f} ms (median; fastest {b['decode_step_fastest_ms']:.2f})"
                  f"; bound {b['bound_ms']:.2f} ms = {b['weight_bytes'] / 1e6:.0f} MB of weights / "

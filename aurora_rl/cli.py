@@ -41,9 +41,20 @@ class ServeSection:
     learn: bool = True
     """Train the draft on the served traffic (false = serve with the fixed draft)."""
     api_key: Optional[str] = None
-    """Bearer token clients must send (None = no authentication); conf reads ``AURORA_RL_API_KEY``."""
+    """Bearer token clients must send (None = no authentication); conf reads ``AURORA_RL_API_KEY``.
+    It is never written to disk: serve writes no ``.hydra/`` folder, only a ``config.yaml`` with the key
+    redacted."""
+    api_key_file: Optional[str] = None
+    """A file whose first line is the bearer token (instead of ``api_key``)."""
     duration_s: Optional[float] = None
-    """Stop after this many seconds (None = until Ctrl-C)."""
+    """Stop after this many seconds (None = until Ctrl-C, SIGINT or SIGTERM)."""
+    state_dir: Optional[str] = None
+    """Where serve keeps what it learned: ``checkpoints/`` and the exported EAGLE3 ``draft/``
+    (None = ``~/.cache/aurora_rl/serve/<target>``, one folder per target)."""
+    resume: bool = True
+    """Start from the latest checkpoint in ``state_dir`` (false: move the old state aside and start fresh)."""
+    stall_after_s: float = 120.0
+    """``/health`` says degraded when traces wait for the learner and no new draft came for this long."""
 
 
 @dataclass
@@ -117,13 +128,46 @@ def _run(cfg: DictConfig) -> None:
     print(f"run directory: {run_cfg.output_dir}")
 
 
+def read_api_key(section: ServeSection) -> str | None:
+    """The bearer token from ``serve.api_key`` or the first line of ``serve.api_key_file``."""
+    if section.api_key_file is None:
+        return section.api_key
+    if section.api_key is not None:
+        raise ConfigError("serve.api_key and serve.api_key_file are both set: give one")
+    path = Path(section.api_key_file).expanduser()
+    try:
+        key = path.read_text().splitlines()[0].strip() if path.stat().st_size else ""
+    except OSError as err:
+        raise ConfigError(f"serve.api_key_file={section.api_key_file!r}: cannot read it ({err.strerror})") from err
+    if not key:
+        raise ConfigError(f"serve.api_key_file={section.api_key_file!r} is empty")
+    return key
+
+
+def write_redacted_config(cfg: ServeConfig) -> Path:
+    """The run's config as YAML in its output folder, with the API key replaced by ``<redacted>``."""
+    tree = OmegaConf.structured(cfg)
+    if tree.serve.api_key is not None:
+        tree.serve.api_key = "<redacted>"
+    path = Path(cfg.output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(tree))
+    return path
+
+
 def _serve(cfg: DictConfig) -> None:
     serve_cfg = _checked(cfg)
     assert isinstance(serve_cfg, ServeConfig), type(serve_cfg)
     from aurora_rl.runtime import driver
 
     s = serve_cfg.serve
-    driver.serve(serve_cfg, host=s.host, port=s.port, learn=s.learn, api_key=s.api_key, duration_s=s.duration_s)
+    try:
+        api_key = read_api_key(s)
+    except ConfigError as err:
+        print(f"aurora-rl: config error: {err}", file=sys.stderr)
+        raise SystemExit(CONFIG_ERROR_EXIT) from None
+    write_redacted_config(serve_cfg)
+    driver.serve(serve_cfg, host=s.host, port=s.port, learn=s.learn, api_key=api_key, duration_s=s.duration_s)
 
 
 def _hydra_main(config_name: str, task, argv: list[str]) -> None:

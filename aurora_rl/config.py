@@ -70,7 +70,12 @@ class EngineSection:
     threads: int = 0
     """Torch threads per worker (0 = the actor's CPU share)."""
     weight_poll_steps: int = 4
-    """Engine steps between checks for newer draft weights (``engine.sglang.weight_poll_s`` for SGLang)."""
+    """Engine steps between wake-ups of the background fetch of newer draft weights (it also looks once a
+    second when idle; ``engine.sglang.weight_poll_s`` for SGLang)."""
+    deterministic: bool = False
+    """Batch-invariant target passes: at temperature 0 a prompt gets the same tokens alone or batched,
+    streamed or not, speculated or not (slower: ``make bench`` prints the cost). Without it, verification
+    is lossless up to floating-point rounding that depends on the batch."""
     sglang: dict[str, Any] = field(default_factory=dict)
     """``engine.kind=sglang`` only: server arguments (``SGLangServerConfig`` fields: tp_size,
     mem_fraction_static, dtype, port, ...) and worker options (``SGLangWorkerOptions``: url, weight_poll_s,
@@ -230,6 +235,9 @@ def validate(cfg: RunConfig) -> None:
         algo.make_config(**args)
     except ValueError as err:
         raise ValueError(f"algorithm.args: {err}") from None
+    if cfg.engine.deterministic and cfg.engine.kind != "native":
+        raise ValueError(f"engine.deterministic=true needs engine.kind=native (the batch-invariant kernels are "
+                         f"ours), got engine.kind={cfg.engine.kind!r}")
     positive = {"engine.num_slots": cfg.engine.num_slots, "learner.batch_traces": cfg.learner.batch_traces,
                 "learner.depth": cfg.learner.depth, "workload.max_tokens": cfg.workload.max_tokens,
                 "cluster.rollout_workers": cfg.cluster.rollout_workers, "buffer.max_traces": cfg.buffer.max_traces}

@@ -26,8 +26,13 @@ def test_bench_quick_writes_every_section(tmp_path, capsys):
         assert r["identical"] + len(r["mismatches"]) == r["requests"]
     if any(r["mismatches"] for r in results["generate"].values()):
         assert results["identity_fp32"]["checked"] >= 1
+    det = results["deterministic"]
+    assert list(det) == ["1", "2"]
+    for batch, r in det.items():
+        assert r["ratio"] > 0 and r["deterministic_tokens_per_s"] > 0
+        assert r["deterministic_same_as_alone"] == r["requests"], (batch, r)  # what the mode promises
     b = results["bandwidth"]
     assert b["weight_bytes"] > 200e6 and b["copy_bandwidth_gb_s"] > 0
     assert b["bound_ms"] > 0 and b["decode_step_ms"] > 0 and b["fraction_of_bound"] > 0
     out = capsys.readouterr().out
-    assert "transformers generate" in out and "of the bound" in out
+    assert "transformers generate" in out and "of the bound" in out and "engine.deterministic vs default" in out

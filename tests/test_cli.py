@@ -235,7 +235,21 @@ def test_serve_passes_the_serve_section(tmp_path):
                tmp_path, stub_calls=calls, env={"AURORA_RL_API_KEY": "sk-test"})
     assert res.returncode == 0, res.stderr
     assert json.loads(calls.read_text())["serve"] == ["127.0.0.1", 9123, False, "sk-test", None, "ServeConfig"]
-    assert "sk-test" not in (tmp_path / "srv" / ".hydra" / "config.yaml").read_text()
+    # A key given on the command line or in a file reaches the server and no file of the run folder.
+    res = _cli(["serve", "experiment=smoke", "serve.api_key=sk-literal-override", "hydra.run.dir=srv2"],
+               tmp_path, stub_calls=calls)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(calls.read_text())["serve"][3] == "sk-literal-override"
+    (tmp_path / "key.txt").write_text("sk-from-file\n")
+    res = _cli(["serve", "experiment=smoke", f"serve.api_key_file={tmp_path / 'key.txt'}", "hydra.run.dir=srv3"],
+               tmp_path, stub_calls=calls)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(calls.read_text())["serve"][3] == "sk-from-file"
+    for run, key in (("srv", "sk-test"), ("srv2", "sk-literal-override"), ("srv3", "sk-from-file")):
+        files = [p for p in (tmp_path / run).rglob("*") if p.is_file()]
+        assert tmp_path / run / "config.yaml" in files
+        assert not [p for p in files if key in p.read_text(errors="replace")], run
+    assert "<redacted>" in (tmp_path / "srv2" / "config.yaml").read_text()
 
 
 @pytest.mark.smoke

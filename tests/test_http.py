@@ -136,10 +136,11 @@ def test_chat_stream_equals_non_stream_and_stop_strings(served, client, smollm2_
     assert text == want and finish == "stop"
 
 
-def _post(url: str, body, key: str | None = KEY, path: str = "/v1/completions") -> httpx.Response:
+def _post(url: str, body, key: str | None = KEY, path: str = "/v1/completions",
+          content_type: str = "application/json") -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if isinstance(body, str):
-        return httpx.post(url + path, content=body, headers={**headers, "Content-Type": "application/json"})
+        return httpx.post(url + path, content=body, headers={**headers, "Content-Type": content_type})
     return httpx.post(url + path, json=body, headers=headers, timeout=60)
 
 
@@ -152,6 +153,16 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served, client):
         ('{"model": "smollm2", "prompt": ', KEY, "/v1/completions", 400, None, "malformed JSON"),
         ({**ok, "temperature": -1}, KEY, "/v1/completions", 400, "temperature", "greater than or equal to 0"),
         ({**ok, "max_tokens": 0}, KEY, "/v1/completions", 400, "max_tokens", "greater than or equal to 1"),
+        # Beyond the context (512 here), as OpenAI and vLLM refuse it; a float is not a token count.
+        ({**ok, "max_tokens": 10_000_000}, KEY, "/v1/completions", 400, "max_tokens", "at most 511 new tokens fit"),
+        ({**chat, "max_completion_tokens": 10**20}, KEY, "/v1/chat/completions", 400, "max_completion_tokens",
+         "context limit is 512"),
+        ('{"model": "smollm2", "prompt": "Hi", "max_tokens": 1e20}', KEY, "/v1/completions", 400, "max_tokens",
+         "valid integer"),
+        ({**ok, "temperature": 2.5}, KEY, "/v1/completions", 400, "temperature", "less than or equal to 2"),
+        ('{"model": "smollm2", "prompt": "Hi", "temperature": Infinity}', KEY, "/v1/completions", 400,
+         "temperature", "finite number"),
+        ('{"model": "smollm2", "prompt": "Hi", "top_p": NaN}', KEY, "/v1/completions", 400, "top_p", "finite number"),
         ({**ok, "max_tokens": "ten"}, KEY, "/v1/completions", 400, "max_tokens", "valid integer"),
         ({**ok, "n": 2}, KEY, "/v1/completions", 400, "n", "n=2"),
         ({**ok, "prompt": [7] * 600}, KEY, "/v1/completions", 400, "prompt", "context limit is 512"),
@@ -170,15 +181,20 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served, client):
         err = r.json()["error"]
         assert (r.status_code, err["param"], err["type"]) == (status, param, "invalid_request_error"), (body, err)
         assert words in err["message"], (body, err)
+    text_plain = _post(handle.url, '{"model": "smollm2", "prompt": "Hi"}', content_type="text/plain")
+    assert text_plain.status_code == 415 and text_plain.json()["error"]["param"] == "content-type"
+    assert "'text/plain'" in text_plain.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="n=2"):
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens=10000000 is too large"):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=10_000_000)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=CHAT, max_tokens=2)
     r = _post(handle.url, ok)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     health = httpx.get(handle.url + "/health").json()
     assert health["status"] == "ok" and health["errors"] == 0 and health["in_flight"] == 0
-    assert health["requests"]["rejected"] >= len(cases)
+    assert health["requests"]["rejected"] >= len(cases) + 1
 
 
 @pytest.mark.smoke

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Protocol
 import torch
 
 from aurora_rl.engine.runner import ModelRunner
+from aurora_rl.models import cpu_kernels
 from aurora_rl.engine.sampling import SamplingParams, sample_tokens
 from aurora_rl.engine.scheduler import Scheduler
 from aurora_rl.engine.sequence import RequestOutput, Sequence, Status
@@ -37,6 +38,10 @@ class EngineConfig:
     """Concurrent requests (the maximum batch size)."""
     max_len: int = 2048
     """Context limit per request: prompt plus generated tokens."""
+    deterministic: bool = False
+    """Batch-invariant target passes: at temperature 0 a prompt gets the same tokens alone or batched,
+    streamed or not, with speculation on or off (``TargetModel.set_batch_invariant``). Costs speed
+    (``make bench`` prints how much); needs the native CPU kernels."""
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -78,7 +83,12 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model, self.config.num_slots, self.config.max_len)
+        self.runner = ModelRunner(model, self.config.num_slots, self.config.max_len, self.config.deterministic)
+        if self.config.deterministic:
+            if not (cpu_kernels.available() and model.runs_ragged(self.runner.cache, 2)):
+                raise ValueError("engine.deterministic=true needs the native CPU kernels (AVX2 or AVX-512) for "
+                                 f"the target's dtype {model.dtype}; this machine or dtype has none: set it false")
+            model.set_batch_invariant(True)
         self.scheduler = Scheduler(self.config.num_slots)
         self.decoder: Decoder = decoder or PlainDecoder()
         self.eos_ids = set(model.config.eos_token_ids)

@@ -15,8 +15,11 @@ from aurora_rl.models.target import TargetModel, TargetOutput
 
 
 class ModelRunner:
-    def __init__(self, model: TargetModel, num_slots: int, max_len: int) -> None:
+    def __init__(self, model: TargetModel, num_slots: int, max_len: int, deterministic: bool = False) -> None:
         self.model = model
+        self.deterministic = deterministic
+        """Run every pass the model can run ragged as one token per row, even when all rows have as many
+        tokens (a verify of k+1 tokens then computes each like a decode of one)."""
         self.cache = model.new_cache(num_slots, max_len)
         self.max_len = max_len
         self.last_rows = 0
@@ -39,7 +42,7 @@ class ModelRunner:
         starts = [lengths[s] for s in slots]
         if max(s + c for s, c in zip(starts, counts)) > self.max_len:
             raise ValueError(f"extending slots {slots} by {counts} tokens exceeds max_len={self.max_len}")
-        if min(counts) < T and self.model.runs_ragged(self.cache, T):
+        if (min(counts) < T or (self.deterministic and T > 1)) and self.model.runs_ragged(self.cache, T):
             out = self._extend_ragged(slots, tokens, starts, last_only, with_taps)
             self.last_rows = sum(counts)
         else:

@@ -161,6 +161,19 @@ class SpecDecoder:
                 self._remap_slot_logits(old_vocab)
         self.policy_version = version
 
+    def swap_draft(self, draft: Eagle3Draft, version: int) -> Eagle3Draft:
+        """Serve ``draft`` (built and validated off the engine thread, ``aurora_rl.engine.hot_swap``) from
+        the next step on: a reference swap at a step boundary, so no step ever sees two versions' weights.
+        Caches and held logits stay, as in ``load_draft_state``. Returns the old draft: the caller frees
+        it elsewhere (freeing its tensors here took ~20 ms for the SmolLM2 draft)."""
+        old = self.draft
+        old_vocab = old.draft_to_target
+        self.draft = draft.eval()
+        if not torch.equal(old_vocab, draft.draft_to_target):
+            self._remap_slot_logits(old_vocab)
+        self.policy_version = version
+        return old
+
     def _draft_tensor(self, name: str) -> torch.Tensor:
         try:
             return self.draft.get_parameter(name)

@@ -23,6 +23,10 @@ from aurora_rl.models import cpu_kernels
 
 
 
+INVARIANT_MIN_ROWS = 4
+"""Fewest rows per kernel call in batch-invariant mode: from 4 rows on, the gemv computes every row alike."""
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` with a fast path for a few rows at inference time (same parameters, same results
     up to float summation order). Training (grad enabled) and large inputs use ``F.linear``."""
@@ -33,11 +37,16 @@ class Linear(nn.Linear):
         self._native_call = None
         self._packed: torch.Tensor | None = None
 
+    batch_invariant = False
+    """Compute every row the same way whatever the other rows (``TargetModel.set_batch_invariant``)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Hot path of decoding (~120 calls a token): parameters are read from _parameters directly,
         # nn.Module.__getattr__ costs more than the checks.
         params = self._parameters
         w, bias = params["weight"], params["bias"]
+        if self.batch_invariant and not torch.is_grad_enabled():
+            return self._invariant_forward(x, w, bias)
         rows = x.numel() // self.in_features
         if 0 < rows <= cpu_kernels.max_rows() and x.dtype == w.dtype and not torch.is_grad_enabled():
             call = self._native(w)
@@ -49,6 +58,32 @@ class Linear(nn.Linear):
                     y += bias
                 return y
         return F.linear(x, w, bias)
+
+    def _invariant_forward(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The native kernel in chunks of at most ``max_rows`` rows, each of at least ``INVARIANT_MIN_ROWS``
+        (zero rows pad a short chunk): a row's reduction order then never depends on how many rows share
+        the call (the bf16 kernel splits one lone row's sum over two accumulators, and PyTorch's GEMM
+        picks its blocking by shape)."""
+        call = self._native(w) if x.dtype == w.dtype else None
+        if call is None:
+            raise RuntimeError(f"batch-invariant Linear needs the native kernels for {w.dtype} weights "
+                               f"(cpu_kernels.available()={cpu_kernels.available()}, input {x.dtype})")
+        flat = x.reshape(-1, self.in_features).contiguous()
+        rows, step = flat.shape[0], cpu_kernels.max_rows()
+        y = torch.empty(rows, self.out_features, dtype=x.dtype)
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            if n < INVARIANT_MIN_ROWS:
+                xp = torch.zeros(INVARIANT_MIN_ROWS, self.in_features, dtype=x.dtype)
+                xp[:n] = flat[start:start + n]
+                yp = torch.empty(INVARIANT_MIN_ROWS, self.out_features, dtype=x.dtype)
+                call(xp.data_ptr(), yp.data_ptr(), INVARIANT_MIN_ROWS)
+                y[start:start + n] = yp[:n]
+            else:
+                call(flat[start].data_ptr(), y[start].data_ptr(), n)
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _native(self, w: torch.Tensor):
         """The kernel call over a packed copy of the weight ``w``, rebuilt when the weight is replaced or

@@ -193,6 +193,20 @@ class TargetModel(nn.Module):
             **({} if ctx.tree is None else {"tree": (ctx.tree.cache_index, ctx.tree.mask)}))
         return resid, mlp_out
 
+    batch_invariant = False
+    """See ``set_batch_invariant``."""
+
+    def set_batch_invariant(self, on: bool = True) -> "TargetModel":
+        """Deterministic mode: every projection through ``Linear``'s batch-invariant path, no fused layer
+        kernel (its own blocking), so a token's logits do not depend on the other rows of its pass.
+        With one token per row (``ModelRunner(deterministic=True)``) and the native attention (a fixed
+        key order per query) a greedy answer is the same alone, batched, speculated or not."""
+        self.batch_invariant = on
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.batch_invariant = on
+        return self
+
     def runs_ragged(self, cache: SlotKVCache, tokens_per_row: int) -> bool:
         """Whether rows of up to ``tokens_per_row`` tokens may run as one token per row, a slot repeated
         over its rows (``ModelRunner`` packs rows of different lengths that way): the native path writes
@@ -238,7 +252,8 @@ class TargetModel(nn.Module):
         x, pending = self.embed(input_ids), None
         layer_out: dict[int, torch.Tensor] = {}
         # the fused layer runs every projection in the gemv: only where it beats PyTorch at B * T rows
-        fused = self._fused_weights(x) if native and B * T <= cpu_kernels.max_rows() else None
+        fused = (self._fused_weights(x) if native and B * T <= cpu_kernels.max_rows() and not self.batch_invariant
+                 else None)
         for i, layer in enumerate(self.layers):
             if fused is not None:
                 x, pending = self._fused_layer(i, x, pending, fused, ctx)

@@ -4,7 +4,8 @@
 actors, serve and learn until the time or request budget is spent, stop the learner (checkpoint and
 EAGLE3 export), evaluate the final draft against no speculation on held-out prompts, and write
 TensorBoard events, ``summary.json`` and ``curves.png`` into the run directory.
-``serve(cfg, ...)`` starts the same actors and exposes worker 0 through the OpenAI-compatible HTTP front.
+``serve(cfg, ...)`` starts the same actors and serves the OpenAI-compatible HTTP front from this process,
+routed over every rollout worker (``aurora_rl.runtime.serve``: recovery, state across restarts).
 Rollout workers are ``RolloutWorker`` (our engine) or, with ``engine.kind=sglang``, ``SGLangWorker``.
 """
 
@@ -27,6 +28,8 @@ from aurora_rl.runtime.metrics import RunLogger, format_table
 from aurora_rl.runtime.traffic import Traffic, build_traffic, vocab_sample
 
 log = logging.getLogger(__name__)
+WORKER_CONCURRENCY = 32
+"""Threads per rollout worker actor: streaming requests from the HTTP front plus control calls."""
 
 
 def init_ray(cfg: RunConfig) -> bool:
@@ -37,8 +40,25 @@ def init_ray(cfg: RunConfig) -> bool:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
+        start_local_ray(cfg.cluster.num_cpus)
     return True
+
+
+def start_local_ray(num_cpus: int | None) -> None:
+    """A one-machine Ray whose servers (GCS, raylet, object manager, workers) listen on 127.0.0.1 only.
+
+    Ray binds its gRPC servers to the node address, and ``ray.init`` replaces a loopback
+    ``_node_ip_address`` with the machine's external address (for multi-node clusters); a local
+    cluster has no other node, so that replacement is skipped while this call starts it.
+    """
+    from ray._private import services
+
+    resolve = services.resolve_ip_for_localhost
+    services.resolve_ip_for_localhost = lambda host: host
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    finally:
+        services.resolve_ip_for_localhost = resolve
 
 
 def rollout_worker_class(cfg: RunConfig, out: Path) -> tuple[type, dict[str, Any]]:
@@ -52,21 +72,24 @@ def rollout_worker_class(cfg: RunConfig, out: Path) -> tuple[type, dict[str, Any
     return RolloutWorker, {}
 
 
-def start_actors(cfg: RunConfig, draft: Eagle3Draft, head, out: Path) -> dict[str, Any]:
+def start_actors(cfg: RunConfig, draft: Eagle3Draft, head, out: Path, checkpoint_dir: Path | None = None,
+                 version: int = 0) -> dict[str, Any]:
+    """Buffer, store (holding ``draft`` as ``version``), rollout workers and the learner (checkpoints in
+    ``checkpoint_dir``, default ``out/checkpoints``; it resumes from the latest one there)."""
     from aurora_rl.runtime.buffer import TraceBuffer
     from aurora_rl.runtime.learner_actor import LearnerActor
     from aurora_rl.runtime.weights import WeightStore
 
     buffer = ray.remote(TraceBuffer).options(num_cpus=0).remote(cfg.buffer, cfg.seed)
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
-    initial = (0, [ray.put(draft.state_dict())])
-    ray.get(store.publish.remote(0, initial[1]))
+    initial = (version, [ray.put(draft.state_dict())])
+    ray.get(store.publish.remote(version, initial[1]))
     head_ref = [ray.put(head)]
     c = cfg.cluster
     worker_cls, extra = rollout_worker_class(cfg, out)
     workers = [
         ray.remote(worker_cls).options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=-1,
-                                       max_concurrency=8, name=None).remote(
+                                       max_concurrency=WORKER_CONCURRENCY, name=None).remote(
             i, cfg.model, cfg.engine, draft.config, initial, buffer, store, cfg.seed, max(1, int(c.rollout_cpus)),
             **extra)
         for i in range(c.rollout_workers)
@@ -74,7 +97,7 @@ def start_actors(cfg: RunConfig, draft: Eagle3Draft, head, out: Path) -> dict[st
     learner = ray.remote(LearnerActor).options(num_cpus=c.learner_cpus, num_gpus=c.learner_gpus, max_restarts=-1,
                                                 max_concurrency=4).remote(
         cfg.learner, cfg.algorithm, cfg.workload, draft.config, initial, head_ref, buffer, store,
-        str(out / "checkpoints"), max(1, int(c.learner_cpus)))
+        str(checkpoint_dir or out / "checkpoints"), max(1, int(c.learner_cpus)))
     ray.get([w.ping.remote() for w in workers] + [learner.info.remote()])
     # The constructor arguments must outlive the actors: Ray re-reads them when it restarts one.
     return {"buffer": buffer, "store": store, "workers": workers, "learner": learner, "initial": initial,
@@ -162,30 +185,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8000, learn: bool = True,
-          api_key: str | None = None, duration_s: float | None = None) -> None:
-    """Serve the OpenAI-compatible API from worker 0, learning from its traffic unless ``learn`` is off."""
+          api_key: str | None = None, duration_s: float | None = None) -> dict[str, Any]:
+    """Serve the OpenAI-compatible API until SIGINT/SIGTERM (or ``duration_s``); see ``runtime.serve``."""
     validate(cfg)
     if cfg.engine.kind == "sglang":
         raise ValueError("serve needs engine.kind=native: with engine.kind=sglang, SGLang serves its own "
                          "OpenAI-compatible API (see docs/SGLANG.md)")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    traffic, draft, head, tokenizer = prepare(cfg)
-    started = init_ray(cfg)
-    actors: dict[str, Any] = {}
-    try:
-        actors = start_actors(cfg, draft, head, out)
-        if learn:
-            ray.get(actors["learner"].start.remote())
-        name = cfg.model.target if cfg.model.target != "smollm2" else "SmolLM2-135M-Instruct"
-        url = ray.get(actors["workers"][0].start_http.remote(host, port, api_key, name))
-        print(f"serving {name} at {url}/v1 (learning {'on' if learn else 'off'}); Ctrl-C to stop", flush=True)
-        deadline = time.time() + duration_s if duration_s else float("inf")
-        while time.time() < deadline:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_actors(actors)
-        if started:
-            ray.shutdown()
+    from aurora_rl.runtime.serve import run_server
+
+    return run_server(cfg, host, port, learn, api_key, duration_s)

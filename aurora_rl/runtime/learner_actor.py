@@ -10,6 +10,7 @@ keeps increasing across a learner crash.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.exceptions import ObjectLostError
 
 from aurora_rl.config import AlgorithmSection, LearnerSection, WorkloadSection
 from aurora_rl.models.draft import DraftConfig, Eagle3Draft
@@ -52,21 +54,22 @@ class LearnerActor:
         if latest is not None:
             self.learner = resume_learner(latest, head, config)
             self.resumed_from = str(latest)
-            # Versions published after that checkpoint are already being served: continue above them.
-            served = int(ray.get(weight_store.stats.remote())["weights/version"])
-            self.learner.policy_version = max(self.learner.policy_version, served)
         else:
             version, (state_ref,) = initial
             draft = Eagle3Draft(draft_config)
             draft.load_state_dict(ray.get(state_ref))
             self.learner = Learner(draft, head, config, policy_version=version)
             self.resumed_from = None
+        # Versions published before a restart are already being served: continue above them.
+        served = int(ray.get(weight_store.stats.remote())["weights/version"])
+        self.learner.policy_version = max(self.learner.policy_version, served)
         self._metrics: list[dict[str, float]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.refused = 0
+        self.lost_traces = 0
         self.published_version = self.learner.policy_version
         """The newest version this learner has in the store (a rule that makes no step, like ``frozen``,
         never has anything new to publish)."""
@@ -74,11 +77,17 @@ class LearnerActor:
 
     def info(self) -> dict[str, Any]:
         return {"policy_version": self.learner.policy_version, "step": self.learner.step,
+                "lost_traces": self.lost_traces,
                 "resumed_from": self.resumed_from, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def pid(self) -> int:
+        """This learner's process id (fault-injection tests kill it)."""
+        return os.getpid()
 
     def start(self) -> bool:
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
+            self.error = None
             self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
             self._thread.start()
         return True
@@ -103,12 +112,24 @@ class LearnerActor:
                 if len(held) < self.section.batch_traces:
                     time.sleep(0.2)
                     continue
-                traces = ray.get([e.ref[0] for e in held])
+                traces = self._fetch(held)
                 held = []
-                self._train(traces)
+                if traces:
+                    self._train(traces)
         except Exception as exc:  # noqa: BLE001 - reported to the driver through poll()
             log.exception("learner loop failed")
             self.error = f"{type(exc).__name__}: {exc}"
+
+    def _fetch(self, held: list[Any]) -> list[Any]:
+        """The traces of ``held``; one whose object was lost (its owner died) is counted and skipped."""
+        traces = []
+        for e in held:
+            try:
+                traces.append(ray.get(e.ref[0]))
+            except ObjectLostError as exc:
+                self.lost_traces += 1
+                log.warning("trace %s lost (%s): skipped", e.request_id, type(exc).__name__)
+        return traces
 
     def _train(self, traces) -> None:
         t0 = time.perf_counter()

@@ -1,9 +1,11 @@
 """RolloutWorker (a Ray actor): one serving replica that records traces and hot-swaps draft weights.
 
 It wraps an EngineLoop over an LLMEngine with a SpecDecoder. Requests arrive by ``submit`` (from the
-driver's workload or the HTTP front); finished ones are collected by ``poll``. At step boundaries it
-pulls newer draft weights from the WeightStore (every ``weight_poll_steps`` steps) and swaps them in
-without pausing the slots in flight, and ships finished traces to the TraceBuffer as object refs.
+driver's workload or the HTTP front, ``generate`` streams one request's tokens); finished ones are
+collected by ``poll``. Newer draft weights are fetched from the WeightStore, validated and built in
+the background (``aurora_rl.engine.hot_swap``; the fetcher is woken every ``weight_poll_steps`` steps)
+and swapped in by reference at a step boundary without pausing the slots in flight; finished traces
+go to the TraceBuffer as object refs.
 When the buffer refuses traces (``block`` policy), the worker holds them and stops stepping until
 they are taken: that is the backpressure. Requests whose id starts with ``eval-`` are served but not
 recorded for learning.
@@ -12,6 +14,8 @@ recorded for learning.
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import threading
 import time
 from typing import Any
@@ -21,6 +25,7 @@ import torch
 
 from aurora_rl.config import EngineSection, ModelSection
 from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
+from aurora_rl.engine.hot_swap import DraftSwapper
 from aurora_rl.engine.sequence import RequestOutput, Status
 from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
 from aurora_rl.engine.trace import Trace
@@ -71,15 +76,16 @@ class RolloutWorker:
             from aurora_rl.engine.adaptive import AdaptiveLookahead
 
             AdaptiveLookahead(engine.lookahead).attach(self.decoder)
-        self.engine = LLMEngine(target, EngineConfig(engine.num_slots, engine.max_len), self.tokenizer, self.decoder)
+        self.engine = LLMEngine(target, EngineConfig(engine.num_slots, engine.max_len, engine.deterministic),
+                                self.tokenizer, self.decoder)
         self._lock = threading.Lock()
         self._trace_lock = threading.Lock()
         self._held: list[Trace] = []
         self._done: list[dict] = []
         self._steps = 0
-        self.swaps, self.swap_ms, self.blocked_s, self.traces_sent = 0, 0.0, 0.0, 0
+        self.blocked_s, self.traces_sent = 0.0, 0
+        self.swapper = DraftSwapper(self.decoder, self._fetch_weights).start()
         self.loop = EngineLoop(self.engine, before_step=self._before_step).start()
-        self._http = None
 
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, requests: list[tuple[str, list[int], dict]]) -> list[str]:
@@ -97,6 +103,25 @@ class RolloutWorker:
             fut.add_done_callback(self._finished)
         return refused
 
+    def generate(self, request_id: str, prompt: list[int], params: SamplingParams, stream: bool):
+        """Serve one request as a Ray streaming generator: first ``{"accepted": True}`` (or ``{"error":
+        message, "kind": exception name}`` for a request the engine refuses), then, when ``stream``, a list
+        of new token ids per step, and last its RequestOutput."""
+        deltas: queue.Queue = queue.Queue()
+        try:
+            fut = self.loop.submit(prompt, params, request_id=request_id, on_delta=deltas.put if stream else None)
+        except ValueError as exc:
+            yield {"error": str(exc), "kind": type(exc).__name__}
+            return
+        fut.add_done_callback(lambda _: deltas.put(None))  # after the loop delivered the last delta
+        yield {"accepted": True}
+        while (ids := deltas.get()) is not None:
+            yield ids
+        yield fut.result()
+
+    def abort(self, request_id: str) -> bool:
+        return self.loop.abort(request_id)
+
     def _finished(self, fut) -> None:
         out: RequestOutput = fut.result()
         with self._lock:
@@ -109,8 +134,11 @@ class RolloutWorker:
         return {"outputs": done, "stats": self.stats()}
 
     def stats(self) -> dict[str, float]:
-        s = {"system/worker_version": float(self.decoder.policy_version), "system/swaps": float(self.swaps),
-             "system/swap_latency_ms": self.swap_ms, "system/backpressure_s": self.blocked_s,
+        sw = self.swapper.stats
+        s = {"system/worker_version": float(self.decoder.policy_version), "system/swaps": float(sw.swaps),
+             "system/swap_latency_ms": sw.stall_ms, "system/swap_stall_max_ms": sw.max_stall_ms,
+             "system/swap_build_ms": sw.build_ms, "system/swaps_refused": float(sw.refused),
+             "system/swap_fetch_errors": float(sw.fetch_errors), "system/backpressure_s": self.blocked_s,
              "system/engine_steps": float(self.loop.steps), "system/in_flight": float(self.loop.in_flight()),
              "system/traces_sent": float(self.traces_sent), "system/traces_held": float(len(self._held))}
         for j, (p, a) in enumerate(zip(self.decoder.depth_proposed, self.decoder.depth_accepted), start=1):
@@ -121,6 +149,10 @@ class RolloutWorker:
     def ping(self) -> int:
         return self.index
 
+    def pid(self) -> int:
+        """This worker's process id (fault-injection tests kill it)."""
+        return os.getpid()
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
@@ -128,7 +160,8 @@ class RolloutWorker:
     def _before_step(self) -> None:
         self._steps += 1
         if self._steps % self.cfg.weight_poll_steps == 0:
-            self._maybe_swap()
+            self.swapper.wake()
+        self.swapper.apply()
         self._flush_traces()
         while len(self._held) >= MAX_HELD_TRACES:
             t0 = time.perf_counter()
@@ -136,15 +169,13 @@ class RolloutWorker:
             self._flush_traces()
             self.blocked_s += time.perf_counter() - t0
 
-    def _maybe_swap(self) -> None:
-        newer = ray.get(self.store.get_if_newer.remote(self.decoder.policy_version))
+    def _fetch_weights(self, version: int) -> tuple[int, dict] | None:
+        """The swapper's ``fetch``: the store's newest weights above ``version`` (runs in its thread)."""
+        newer = ray.get(self.store.get_if_newer.remote(version), timeout=60)
         if newer is None:
-            return
-        t0 = time.perf_counter()
-        version, (ref,) = newer
-        self.decoder.load_draft_state(ray.get(ref), version)
-        self.swap_ms = (time.perf_counter() - t0) * 1000
-        self.swaps += 1
+            return None
+        newest, (ref,) = newer
+        return newest, ray.get(ref, timeout=120)
 
     def _on_trace(self, trace: Trace) -> None:
         if trace.request_id.startswith("eval-") or trace.status.value != "finished":
@@ -156,6 +187,8 @@ class RolloutWorker:
         with self._trace_lock:
             if not self._held:
                 return
+            # This worker owns the objects: a crash loses the traces not yet trained on (the learner counts
+            # and skips them: learner info ``lost_traces``). Ray 2.56 removed ``ray.put(_owner=...)``.
             entries = [Entry([ray.put(t)], t.nbytes(),
                              int(t.policy_version.max()) if t.verify_steps else self.decoder.policy_version,
                              t.request_id) for t in self._held]
@@ -163,14 +196,7 @@ class RolloutWorker:
             self.traces_sent += taken
             self._held = self._held[taken:]
 
-    # ---- serving over HTTP, evaluation ----------------------------------------------------------
-    def start_http(self, host: str, port: int, api_key: str | None, model_name: str) -> str:
-        from aurora_rl.serving.http import create_app, serve
-
-        app = create_app(self.loop, self.tokenizer, model_name, api_key=api_key)
-        self._http = serve(app, host=host, port=port)
-        return self._http.url
-
+    # ---- evaluation ----------------------------------------------------------
     def evaluate(self, prompts: list[list[int]], params: dict, lookahead: int | None, batch_size: int) -> list[dict]:
         """Serve ``prompts`` ``batch_size`` at a time with the given lookahead (None: adaptive, over
         0..``engine.lookahead``, with a fresh controller unless the worker already runs one); no traces
@@ -193,8 +219,7 @@ class RolloutWorker:
         return results
 
     def shutdown(self) -> None:
-        if self._http is not None:
-            self._http.stop()
+        self.swapper.stop()
         self.loop.stop()
         for seq in list(self.engine.scheduler.running.values()):
             if seq.status is Status.RUNNING:

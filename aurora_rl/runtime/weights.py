@@ -47,4 +47,4 @@ class WeightStore:
 
     def stats(self) -> dict[str, float]:
         return {"weights/version": float(self.version), "weights/published": float(self.published),
-                "weights/refused_nonfinite": float(self.refused)}
+                "weights/refused_nonfinite": float(self.refused), "weights/published_at": self.published_at}

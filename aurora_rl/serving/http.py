@@ -1,10 +1,11 @@
 """OpenAI-compatible HTTP front for an EngineLoop: completions, chat, streaming, models and health.
 
 Contract:
-- `create_app(loop, tokenizer, model_name, api_key=None, default_max_tokens=256)` serves
+- `create_app(backend, tokenizer, model_name, api_key=None, default_max_tokens=256)` serves a `Backend`
+  (`aurora_rl.serving.backend`; an EngineLoop is wrapped in a `LocalBackend`):
   `POST /v1/completions` (prompt: a string or a list of token ids), `POST /v1/chat/completions`
   (messages through the tokenizer's chat template), `GET /v1/models`, `GET /v1/models/{id}` and
-  `GET /health` (engine stats; 503 when the engine thread has died). One choice per request (n=1).
+  `GET /health` (the backend's state; 503 when it cannot serve). One choice per request (n=1).
 - `stream: true` answers Server-Sent Events in OpenAI's chunk format ending with `data: [DONE]`;
   `stream_options.include_usage` adds a final chunk with `usage`. Streamed text concatenates to exactly
   the non-streamed text: the full output is re-decoded each step, a trailing replacement character
@@ -12,9 +13,12 @@ Contract:
 - Responses carry `usage` and an extension object `aurora` (accept_length, verify_steps, draft_tokens,
   accepted_tokens, policy_version, ttft_s, latency_s). Extension request fields: top_k, lookahead,
   ignore_eos. `temperature` defaults to 1.0 as in OpenAI's API.
-- Bad requests get 400 (401 without the API key, 404 for another model name) with an OpenAI error body
-  naming the field; they never reach the engine. An engine error is a 500 (or an error chunk when
-  streaming). A client that disconnects has its request aborted in the engine, freeing its slot.
+- Bad requests get 400 (401 without the API key, 404 for another model name, 415 for a body that is not
+  `application/json`) with an OpenAI error body naming the field; they never reach the engine.
+  `max_tokens` beyond what the context leaves after the prompt is a 400 (omitted, it is capped there);
+  `temperature` must be finite and in [0, 2], as OpenAI's. An engine error is a 500 (or an error chunk
+  when streaming); a retryable one (a rollout worker died) is a 503 or an error chunk that says to
+  retry. A client that disconnects has its request aborted in the engine, freeing its slot.
 - `serve(app, host, port)` runs uvicorn in a daemon thread; port 0 picks a free port (`handle.port`).
 """
 
@@ -44,9 +48,10 @@ from starlette.exceptions import HTTPException
 from aurora_rl.data.sharegpt import chat_token_ids
 from aurora_rl.engine.engine import PromptTooLongError
 from aurora_rl.engine.sequence import RequestOutput
+from aurora_rl.serving.backend import RETRYABLE_PREFIX, Backend, LocalBackend
 from aurora_rl.serving.loop import EngineLoop
-from aurora_rl.serving.openai_types import (ApiError, ChatRequest, CompletionRequest, ResponseFormat, sse,
-                                            validation_error)
+from aurora_rl.serving.openai_types import (ApiError, ChatRequest, CompletionRequest, ResponseFormat,
+                                            check_content_type, check_room, sse, validation_error)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,22 @@ class StreamDetokenizer:
         return final_text[len(self.sent):]
 
 
+class TokenIdText:
+    """The text of a model without a tokenizer (the tiny random target): token ids written as numbers.
+
+    Prompts must then be token ids; output text is the ids separated by spaces, so streamed and
+    non-streamed answers can still be compared as text."""
+
+    def encode(self, text: str) -> list[int]:
+        raise ValueError("this model has no tokenizer: send the prompt as a list of token ids")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"{i} " for i in ids)
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise ValueError("this model has no tokenizer, so no chat template: use /v1/completions with token ids")
+
+
 def stop_prefix_len(text: str, stop: tuple[str, ...]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
     best = 0
@@ -103,11 +124,12 @@ class _Call:
 
 
 class _Front:
-    """The app's state: the engine loop, the tokenizer, the served name, and request counters."""
+    """The app's state: the backend, the tokenizer, the served name, and request counters."""
 
-    def __init__(self, loop: EngineLoop, tokenizer: Any, model_name: str, api_key: str | None,
+    def __init__(self, backend: Backend, tokenizer: Any, model_name: str, api_key: str | None,
                  default_max_tokens: int) -> None:
-        self.loop, self.tokenizer, self.model_name = loop, tokenizer, model_name
+        self.backend, self.model_name = backend, model_name
+        self.tokenizer = tokenizer if tokenizer is not None else TokenIdText()
         self.api_key, self.default_max_tokens = api_key, default_max_tokens
         self.counts: Counter = Counter()
         self.created = int(time.time())
@@ -128,6 +150,7 @@ class _Front:
 
     async def parse(self, request: Request, cls: type[CompletionRequest] | type[ChatRequest]):
         self.check_auth(request)
+        check_content_type(request.headers.get("content-type"))
         raw = await request.body()
         try:
             data = json.loads(raw)
@@ -142,13 +165,18 @@ class _Front:
         self.check_model(req.model)
         if (err := req.unsupported()) is not None:
             raise err
-        if req.stop and self.loop.engine.tokenizer is None:
+        if req.stop and not self.backend.has_tokenizer:
             raise ApiError(400, "stop strings need an engine with a tokenizer", "stop")
         return req
 
     def prompt_ids(self, req: CompletionRequest | ChatRequest) -> list[int]:
         if isinstance(req, CompletionRequest):
-            return req.prompt if isinstance(req.prompt, list) else list(self.tokenizer.encode(req.prompt))
+            if isinstance(req.prompt, list):
+                return req.prompt
+            try:
+                return list(self.tokenizer.encode(req.prompt))
+            except ValueError as exc:
+                raise ApiError(400, str(exc), "prompt") from exc
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         for m in messages:
             m["role"] = "system" if m["role"] == "developer" else m["role"]
@@ -159,8 +187,14 @@ class _Front:
             raise ApiError(400, f"messages do not fit the chat template: {exc}", "messages") from exc
 
     async def submit(self, req: CompletionRequest | ChatRequest, kind: str) -> _Call:
-        params = req.sampling_params(self.default_max_tokens)
         ids = await asyncio.to_thread(self.prompt_ids, req)
+        param = "messages" if kind == "chat" else "prompt"
+        room = self.backend.max_len - len(ids)
+        if room < 1:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens but the context limit is {self.backend.max_len} "
+                           "(prompt plus output): shorten it", param, code="context_length_exceeded")
+        params = req.sampling_params(min(self.default_max_tokens, room))
+        check_room(req, params.max_tokens, len(ids), self.backend.max_len)
         aloop = asyncio.get_running_loop()
         queue: asyncio.Queue | None = asyncio.Queue() if req.stream else None
 
@@ -171,9 +205,8 @@ class _Front:
                 log.debug("dropped a stream delta: event loop closed")
 
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        param = "messages" if kind == "chat" else "prompt"
         try:
-            fut = await asyncio.to_thread(self.loop.submit, ids, params, rid, post if queue else None)
+            fut = await asyncio.to_thread(self.backend.submit, ids, params, rid, post if queue else None)
         except PromptTooLongError as exc:
             raise ApiError(400, str(exc), param, code="context_length_exceeded") from exc
         except ValueError as exc:
@@ -186,7 +219,7 @@ class _Front:
         return _Call(fmt, params.stop, include_usage, fut, queue)
 
     def abort(self, rid: str) -> None:
-        if self.loop.abort(rid):
+        if self.backend.abort(rid):
             self.counts["aborted"] += 1
             log.info("client of %s went away: request aborted, slot freed", rid)
 
@@ -195,10 +228,14 @@ class _Front:
                           "total_tokens": out.num_prompt_tokens + out.num_output_tokens},
                 "aurora": {"accept_length": out.accept_length, "verify_steps": out.verify_steps,
                            "draft_tokens": out.draft_tokens, "accepted_tokens": out.accepted_tokens,
-                           "policy_version": getattr(self.loop.engine.decoder, "policy_version", None),
+                           "policy_version": self.backend.policy_version(),
                            "ttft_s": out.ttft_s, "latency_s": out.latency_s}}
 
     def engine_error(self, out: RequestOutput) -> ApiError:
+        if out.error and out.error.startswith(RETRYABLE_PREFIX):
+            self.counts["retryable_errors"] += 1
+            return ApiError(503, out.error.removeprefix(RETRYABLE_PREFIX), type="server_error",
+                            code="retry_request")
         self.counts["failed"] += 1
         return ApiError(500, f"engine error: {out.error}", type="server_error")
 
@@ -211,7 +248,8 @@ class _Front:
         out = await waiting
         if out.finish_reason == "error":
             raise self.engine_error(out)
-        return JSONResponse(call.fmt.body(call.fmt.choice(out.text, out.finish_reason), **self.stats(out)))
+        text = out.text if out.text is not None else self.tokenizer.decode(out.output_ids, skip_special_tokens=True)
+        return JSONResponse(call.fmt.body(call.fmt.choice(text, out.finish_reason), **self.stats(out)))
 
     async def stream(self, call: _Call) -> AsyncIterator[str]:
         extra = {"usage": None} if call.include_usage else {}
@@ -237,17 +275,17 @@ class _Front:
                 asyncio.get_running_loop().run_in_executor(None, self.abort, call.fmt.id)
 
     def health(self) -> JSONResponse:
-        alive = self.loop.is_alive()
-        body = {"status": "ok" if alive else "engine loop not running", "model": self.model_name,
-                "in_flight": self.loop.in_flight(), "steps": self.loop.steps, "errors": self.loop.errors,
-                "policy_version": getattr(self.loop.engine.decoder, "policy_version", None),
-                "requests": dict(self.counts)}
-        return JSONResponse(body, status_code=200 if alive else 503)
+        body = self.backend.health()
+        ok = body.pop("ok")
+        body = {"status": body.pop("status"), "model": self.model_name, **body, "requests": dict(self.counts)}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
 
-def create_app(loop: EngineLoop, tokenizer: Any, model_name: str, api_key: str | None = None,
+def create_app(backend: Backend | EngineLoop, tokenizer: Any, model_name: str, api_key: str | None = None,
                default_max_tokens: int = 256) -> FastAPI:
-    front = _Front(loop, tokenizer, model_name, api_key, default_max_tokens)
+    if isinstance(backend, EngineLoop):
+        backend = LocalBackend(backend)
+    front = _Front(backend, tokenizer, model_name, api_key, default_max_tokens)
     app = FastAPI(title="aurora_rl", docs_url=None, redoc_url=None)
     app.state.front = front
 

@@ -60,17 +60,17 @@ class ChatMessage(_Strict):
 class _SamplingRequest(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    """Omitted means 1.0, as OpenAI does; 0 is greedy."""
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    """Omitted means 1.0, as OpenAI does; 0 is greedy; OpenAI's range is [0, 2]."""
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     logprobs: bool | int | None = None
     # Extensions (the openai client sends them through ``extra_body``).
     top_k: int = Field(0, ge=0)
@@ -127,6 +127,23 @@ class CompletionRequest(_SamplingRequest):
 class ChatRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def check_content_type(value: str | None) -> None:
+    """A request body must be declared JSON (as OpenAI's and vLLM's servers require)."""
+    media = (value or "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"content-type {value!r} is not supported: send the body as application/json",
+                       "content-type", code="unsupported_media_type")
+
+
+def check_room(req: CompletionRequest | ChatRequest, max_tokens: int, prompt_len: int, max_len: int) -> None:
+    """A max_tokens the context cannot hold after the prompt is refused, not silently cut."""
+    if prompt_len + max_tokens > max_len:
+        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        raise ApiError(400, f"{field}={max_tokens} is too large: the prompt has {prompt_len} tokens and the "
+                       f"context limit is {max_len}, so at most {max_len - prompt_len} new tokens fit",
+                       field, code="context_length_exceeded")
 
 
 def _param(loc: tuple) -> str:
