@@ -34,9 +34,14 @@ from aurora_rl.config import ModelSection
 from aurora_rl.models.dtypes import resolve_dtype
 from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
 from aurora_rl.engine.adaptive import AdaptiveLookahead
+from aurora_rl.engine.adaptive_tree import AdaptiveTreeBudget
 from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
 
 ADAPTIVE = "adaptive"
+TREE = "tree"
+"""Token trees (``SpecConfig.tree_topk``): the draft's top-k expansion under a node budget per row."""
+ADAPTIVE_TREE = "adaptive-tree"
+"""Token trees with ``AdaptiveTreeBudget`` picking each step's budget among ``--tree-budgets`` (0 included)."""
 CONTROL = "control"
 COPY = "+copy"
 """Suffix of a lookahead item ("4+copy", "adaptive+copy"): proposals copied from the context where it
@@ -54,19 +59,24 @@ class Cell:
     server's, fed wave after wave of requests (so the adaptive controller keeps what it learned)."""
 
     def __init__(self, target, tokenizer, draft, batch: int, lookahead: int | str | None, capture: bool = True,
-                 max_lookahead: int = 5) -> None:
+                 max_lookahead: int = 5, tree: dict | None = None) -> None:
         self.batch, self.lookahead, self.capture = batch, lookahead, capture
         self.decoder, self.controller = None, None
         if lookahead not in (None, CONTROL):
             copy = isinstance(lookahead, str) and lookahead.endswith(COPY)
             k = lookahead.removesuffix(COPY) if copy else lookahead
-            k = k if k == ADAPTIVE or not isinstance(k, str) else int(k)
-            fixed = max_lookahead if k == ADAPTIVE else k
-            self.decoder = SpecDecoder(draft, batch, 2048, SpecConfig(lookahead=fixed, capture_traces=capture,
-                                                                      context_copy=copy),
-                                       trace_sink=lambda t: None)
+            k = k if k in (ADAPTIVE, TREE, ADAPTIVE_TREE) or not isinstance(k, str) else int(k)
+            tree = tree or {}
+            trees = k in (TREE, ADAPTIVE_TREE)
+            fixed = max_lookahead if k in (ADAPTIVE, TREE, ADAPTIVE_TREE) else k
+            cfg = SpecConfig(lookahead=fixed, capture_traces=capture, context_copy=copy,
+                             tree_topk=tree.get("topk", 4) if trees else 0, tree_budget=tree.get("budget", 12),
+                             tree_depth=tree.get("depth", 5))
+            self.decoder = SpecDecoder(draft, batch, 2048, cfg, trace_sink=lambda t: None)
             if k == ADAPTIVE:
                 self.controller = AdaptiveLookahead(max_lookahead).attach(self.decoder)
+            elif k == ADAPTIVE_TREE:
+                self.controller = AdaptiveTreeBudget(tree.get("budgets", [0, 4, 8, 12])).attach(self.decoder)
         self.engine = LLMEngine(target, EngineConfig(num_slots=batch, max_len=2048), tokenizer, self.decoder)
         self.outs: list = []
         self.wave_means: list[float] = []
@@ -92,8 +102,11 @@ class Cell:
                 "aggregate_tokens_per_s": sum(o.num_output_tokens for o in outs) / self.wall,
                 "mean_lookahead": (sum(o.draft_tokens for o in outs) / max(sum(o.verify_steps for o in outs), 1)
                                    if self.decoder is not None else 0.0),
-                "explored_steps": self.controller.explored if self.controller else 0,
-                "probe_steps": self.controller.probes if self.controller else 0,
+                "explored_steps": getattr(self.controller, "explored", 0),
+                "probe_steps": getattr(self.controller, "probes", 0),
+                "tree_nodes_per_step": (getattr(self.decoder, "tree_nodes", 0) / max(sum(o.verify_steps for o in outs), 1)),
+                "budget_histogram": ({str(n): self.controller.chosen.count(n) for n in self.controller.budgets}
+                                     if isinstance(self.controller, AdaptiveTreeBudget) else None),
                 "copy_steps": getattr(self.decoder, "copy_steps", 0),
                 "copy_accepted": getattr(self.decoder, "copy_accepted", 0),
                 "copy_proposed": getattr(self.decoder, "copy_proposed", 0),
@@ -131,20 +144,20 @@ def parse_lookaheads(text: str) -> list[int | str]:
     out: list[int | str] = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         base = item.removesuffix(COPY)
-        if base == ADAPTIVE:
+        if base in (ADAPTIVE, TREE, ADAPTIVE_TREE):
             out.append(item)
         elif base.isdigit() and int(base) > 0:
             out.append(int(item) if base == item else item)
         else:
-            raise ValueError(f"--lookaheads item {item!r}: use positive integers and/or 'adaptive', each optionally "
-                             f"followed by '{COPY}'")
+            raise ValueError(f"--lookaheads item {item!r}: use positive integers, 'adaptive', '{TREE}' and/or "
+                             f"'{ADAPTIVE_TREE}', each optionally followed by '{COPY}'")
     return out
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The model-card table: one line per (batch, lookahead), tokens/s per request."""
     lines = ["| batch | lookahead | mean tok/s | p50 | p5 | p95 | speedup | ratio of means | decode tok/s "
-             "| decode speedup | accept length | mean k |",
+             "| decode speedup | accept length | mean k or nodes |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         k = "none" if r["lookahead"] is None else r["lookahead"]
@@ -243,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lookaheads", default="3,4,5,adaptive",
                    help="comma list of fixed lookaheads and/or 'adaptive' (over 0..the largest fixed one); "
                         "a '+copy' suffix (4+copy, adaptive+copy) adds context-copy proposals")
+    p.add_argument("--tree-topk", type=int, default=4, help="children per expanded node of a tree")
+    p.add_argument("--tree-budget", type=int, default=12, help=f"proposed nodes per row and step of '{TREE}'")
+    p.add_argument("--tree-depth", type=int, default=5, help="deepest draft expansion of a tree")
+    p.add_argument("--tree-budgets", default="0,4,8,12", help=f"budgets '{ADAPTIVE_TREE}' chooses among")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--domain", default="code", choices=["code", "chat", "non_english", "all"],
@@ -264,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="passes over the prompts; each pass is served in waves of one batch, every cell in turn")
     p.add_argument("--no-control", action="store_true",
                    help="leave out the control row (a second plain engine, whose ratio is the noise floor)")
+    p.add_argument("--skip-capture", action="store_true", help="leave out the trace-capture cost table")
     p.add_argument("--quick", action="store_true", help="batch 1 and 4, lookahead 4, 4 prompts, 16 tokens")
     p.add_argument("--out", default=f"outputs/bench_spec/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     args = p.parse_args(argv)
@@ -275,11 +293,14 @@ def main(argv: list[str] | None = None) -> dict:
     target, tokenizer, draft, prompts, excluded = load(args)
     rows, identical = [], True
     lookaheads = parse_lookaheads(args.lookaheads)
-    max_k = max([int(str(k).removesuffix(COPY)) for k in lookaheads if str(k).removesuffix(COPY) != ADAPTIVE],
+    max_k = max([int(str(k).removesuffix(COPY)) for k in lookaheads if str(k).removesuffix(COPY).isdigit()],
                 default=5)
+    tree = {"topk": args.tree_topk, "budget": args.tree_budget, "depth": args.tree_depth,
+            "budgets": [int(x) for x in args.tree_budgets.split(",") if x.strip()]}
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         extra = [] if args.no_control else [CONTROL]
-        cells = [Cell(target, tokenizer, draft, batch, k, max_lookahead=max_k) for k in [None, *extra, *lookaheads]]
+        cells = [Cell(target, tokenizer, draft, batch, k, max_lookahead=max_k, tree=tree)
+                 for k in [None, *extra, *lookaheads]]
         run_cells(cells, prompts, args.max_tokens, args.repeats)
         base = cells[0].row()
         base["speedup"] = base["decode_speedup"] = base["speedup_of_means"] = 1.0
@@ -292,10 +313,13 @@ def main(argv: list[str] | None = None) -> dict:
             r["differing_outputs"] = sum(a != b for a, b in zip(r["outputs"], base["outputs"]))
             identical &= r["differing_outputs"] == 0
             rows.append(r)
+        # Each batch size as soon as it is measured: a long run cut short still leaves its figures.
+        print(markdown_table([r for r in rows if r["batch"] == batch]), flush=True)
         del cells
     b = int(args.batch_sizes.split(",")[-1]) if args.quick else 4
-    capture_cells = [Cell(target, tokenizer, draft, b, 4, capture=c) for c in (False, True)]
-    run_cells(capture_cells, prompts, args.max_tokens, args.repeats)
+    capture_cells = [] if args.skip_capture else [Cell(target, tokenizer, draft, b, 4, capture=c) for c in (False, True)]
+    if capture_cells:
+        run_cells(capture_cells, prompts, args.max_tokens, args.repeats)
     capture = [c.row() for c in capture_cells]
     result = {"dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."), "quant": args.quant, "draft": args.draft or "day-0 random", "max_tokens": args.max_tokens,
               "prompts": len(prompts), "domain": args.domain, "prompt_seed": args.seed,
@@ -303,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
               "repeats": args.repeats,
               "table": [{k: v for k, v in r.items() if k != "outputs"} for r in rows],
               "capture": [{k: v for k, v in r.items() if k != "outputs"} for r in capture],
-              "capture_cost": 1 - paired_speedup(*capture_cells[::-1])[0]}
+              "capture_cost": 1 - paired_speedup(*capture_cells[::-1])[0] if capture_cells else None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_spec.json").write_text(json.dumps(result, indent=2))
@@ -311,9 +335,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"draft: {result['draft']}, {result['dtype']}, {len(prompts)} ShareGPT {args.domain} prompts, {args.max_tokens} "
           f"tokens each ({excluded} left out as trained on)")
     print(markdown_table(result["table"]))
-    off, on = result["capture"]
-    print(f"trace capture at batch {off['batch']}, lookahead 4: {off['mean']:.1f} tok/s off, {on['mean']:.1f} on "
-          f"(cost {100 * result['capture_cost']:.1f}%)")
+    if capture:
+        off, on = result["capture"]
+        print(f"trace capture at batch {off['batch']}, lookahead 4: {off['mean']:.1f} tok/s off, {on['mean']:.1f} on "
+              f"(cost {100 * result['capture_cost']:.1f}%)")
     print(f"greedy outputs identical to no speculation: {identical}; JSON: {out / 'bench_spec.json'}")
     return result
 

@@ -63,6 +63,14 @@ class EngineSection:
     (prompt lookup), the draft elsewhere. None (default): on with the native engine, off with SGLang,
     which does not support it (true there is an error). Copies need no draft pass; the learner
     trains the draft on every position still, but its proposal terms only on drafted steps."""
+    tree_topk: int = 0
+    """Token trees: children per expanded draft node (EAGLE-2's top-k; SGLang's ``--speculative-eagle-topk``).
+    0 proposes one chain of ``lookahead`` tokens per row."""
+    tree_budget: int = 8
+    """Proposed tree nodes per row and step, copies included (SGLang's ``--speculative-num-draft-tokens`` is
+    this plus one). With ``adaptive_lookahead`` each step's budget is chosen among 0 and quarters of it."""
+    tree_depth: int = 5
+    """Deepest draft expansion of a tree (SGLang's ``--speculative-num-steps`` for a tree)."""
     capture_traces: bool = True
     """Record traces for the learner (off = serve only)."""
     trace_dtype: str = "bfloat16"

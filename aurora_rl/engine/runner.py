@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from aurora_rl.engine.token_tree import TokenTree
+from aurora_rl.models.layers import TreeAttention
 from aurora_rl.models.target import TargetModel, TargetOutput
 
 
@@ -82,6 +84,56 @@ class ModelRunner:
         index = torch.tensor([[o + min(i, c - 1) for i in range(T)] for o, c in zip(offsets, counts)])
         logits = out.logits[index[:, -1], 0] if last_only else out.logits[index, 0]  # last column: last real token
         return TargetOutput(logits, out.hidden[index, 0], out.taps[index, 0] if with_taps else None)
+
+    def extend_tree(self, slots: list[int], trees: list[TokenTree], with_taps: bool = True) -> TargetOutput:
+        """Verify token trees in one pass: row b's node i runs at RoPE position ``length + depth(i)`` and
+        cache entry ``length + i`` under its ancestor mask (``aurora_rl.engine.token_tree``). Outputs
+        [B, T, ...] in node order (T the largest tree; a smaller tree's extra columns repeat its root).
+        Rows of one size, or one row, run as [B, T]; rows of different sizes are packed one token per
+        row. Lengths are not moved: ``keep_path`` does that once the accepted path is known."""
+        counts = [len(t) for t in trees]
+        T = max(counts)
+        starts = self.cache.lengths[torch.tensor(slots, dtype=torch.long)].tolist()
+        if max(s + c for s, c in zip(starts, counts)) > self.max_len:
+            raise ValueError(f"trees of {counts} nodes on slots {slots} exceed max_len={self.max_len}")
+        bits = [t.mask_bits() for t in trees]
+        if min(counts) == T or len(trees) == 1:
+            ids = torch.tensor([t.tokens for t in trees], dtype=torch.long)
+            pos = torch.tensor([[s + d for d in t.depths] for s, t in zip(starts, trees)], dtype=torch.long)
+            index = torch.tensor([[s + i for i in range(c)] for s, c in zip(starts, counts)], dtype=torch.long)
+            tree = TreeAttention(index, torch.tensor(bits, dtype=torch.long))
+            self.last_rows = len(trees) * T
+            return self.model(ids, pos, self.cache, torch.tensor(slots, dtype=torch.long), with_taps=with_taps,
+                              tree=tree)
+        flat = torch.tensor([tok for t in trees for tok in t.tokens], dtype=torch.long).view(-1, 1)
+        pos = torch.tensor([s + d for s, t in zip(starts, trees) for d in t.depths], dtype=torch.long).view(-1, 1)
+        index = torch.tensor([s + i for s, c in zip(starts, counts) for i in range(c)], dtype=torch.long).view(-1, 1)
+        token_slots = torch.tensor([s for s, c in zip(slots, counts) for _ in range(c)], dtype=torch.long)
+        tree = TreeAttention(index, torch.tensor([m for row in bits for m in row], dtype=torch.long).view(-1, 1))
+        out = self.model(flat, pos, self.cache, token_slots, with_taps=with_taps, tree=tree)
+        self.last_rows = sum(counts)
+        offsets = [0]
+        for c in counts[:-1]:
+            offsets.append(offsets[-1] + c)
+        gather = torch.tensor([[o + (i if i < c else 0) for i in range(T)] for o, c in zip(offsets, counts)])
+        return TargetOutput(out.logits[gather, 0], out.hidden[gather, 0],
+                            out.taps[gather, 0] if with_taps else None)
+
+    def keep_path(self, slot: int, path: list[int]) -> None:
+        """After ``extend_tree``: keep the root and the accepted nodes ``path`` (node indices, root's child
+        first), moving their cache entries to consecutive positions after the root's; the rest of the
+        cache is neither read nor copied."""
+        base = int(self.cache.lengths[slot])
+        src = [base + n for n in path]
+        dst = [base + 1 + j for j in range(len(path))]
+        moved = [(s, d) for s, d in zip(src, dst) if s != d]
+        if moved:
+            s_idx = torch.tensor([s for s, _ in moved])
+            d_idx = torch.tensor([d for _, d in moved])
+            for layer in range(len(self.cache.k)):  # sources lie past every destination: gather, then write
+                for c in (self.cache.k[layer], self.cache.v[layer]):
+                    c[slot, :, d_idx] = c[slot, :, s_idx]
+        self.cache.lengths[slot] = base + 1 + len(path)
 
     def truncate(self, slot: int, length: int) -> None:
         assert 0 <= length <= int(self.cache.lengths[slot])

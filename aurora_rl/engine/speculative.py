@@ -29,8 +29,12 @@ import torch
 from aurora_rl.engine.context_copy import ContextIndex
 from aurora_rl.engine.sampling import processed_probs, sample_from, sample_tokens
 from aurora_rl.engine.sequence import Sequence, Status
-from aurora_rl.engine.spec_math import Verdict, greedy_verify_batch, rejection_verify
+from aurora_rl.engine.spec_math import Verdict
+from aurora_rl.engine.token_tree import MAX_TREE_NODES
 from aurora_rl.engine.trace import Trace, TraceRecorder, TraceStatus
+from aurora_rl.engine.tree_proposer import TreeProposer
+from aurora_rl.engine.tree_step import decode_trees
+from aurora_rl.engine.verify import verify_chains
 from aurora_rl.models.draft import Eagle3Draft
 
 _TRACE_STATUS = {Status.FINISHED: TraceStatus.FINISHED, Status.ABORTED: TraceStatus.ABORTED,
@@ -57,6 +61,15 @@ class SpecConfig:
     copy_max_tokens: int = 0
     """Most tokens a copy may propose (0: ``lookahead``). A copy's k comes from the lookahead controller
     (an adaptive one picks it apart from the draft's) or, without one, is ``lookahead``."""
+    tree_topk: int = 0
+    """Token trees (``aurora_rl.engine.tree_step``): children per expanded draft node, EAGLE-2's top-k
+    (SGLang's ``--speculative-eagle-topk``). 0 proposes one chain per row (``lookahead`` tokens)."""
+    tree_budget: int = 8
+    """Proposed nodes per row and step in a tree, copies included (SGLang's
+    ``--speculative-num-draft-tokens`` is this plus the root). A lookahead controller that picks budgets
+    overrides it per step; 0 is plain decoding."""
+    tree_depth: int = 5
+    """Deepest draft expansion of a tree (SGLang's ``--speculative-num-steps``); copies may go deeper."""
 
     def __post_init__(self) -> None:
         if self.lookahead < 0:
@@ -68,6 +81,11 @@ class SpecConfig:
         if not 1 <= self.copy_min_match <= self.copy_max_match:
             raise ValueError(f"need 1 <= copy_min_match <= copy_max_match, got copy_min_match={self.copy_min_match}, "
                              f"copy_max_match={self.copy_max_match}")
+        if self.tree_topk < 0 or self.tree_budget < 0 or self.tree_depth < 1:
+            raise ValueError(f"need tree_topk >= 0, tree_budget >= 0 and tree_depth >= 1, got tree_topk="
+                             f"{self.tree_topk}, tree_budget={self.tree_budget}, tree_depth={self.tree_depth}")
+        if self.tree_budget > MAX_TREE_NODES - 1:
+            raise ValueError(f"tree_budget={self.tree_budget}: a tree holds at most {MAX_TREE_NODES - 1} proposals")
         if self.trace_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"trace_dtype={self.trace_dtype!r}; choose bfloat16, float16 or float32")
 
@@ -120,6 +138,10 @@ class SpecDecoder:
         self.copy_depth_proposed: list[int] = []
         """Of ``depth_proposed``, the copied proposals (the draft's are the difference)."""
         self.copy_depth_accepted: list[int] = []
+        self.tree_proposer = (TreeProposer(self.draft, self.cache, self.config.tree_topk, self.config.tree_depth)
+                              if self.config.tree_topk > 0 else None)
+        self.tree_nodes = 0
+        """Tree nodes proposed (verified) over the decoder's life, roots excluded."""
 
     # ---- hot swap -------------------------------------------------------------------------------
     def load_draft_state(self, state: dict[str, torch.Tensor], version: int) -> None:
@@ -186,6 +208,8 @@ class SpecDecoder:
             engine.append_tokens(seq, [tok])
 
     def decode(self, engine, seqs: list[Sequence]) -> None:
+        if self.tree_proposer is not None:
+            return decode_trees(self, engine, seqs)
         t0 = time.perf_counter()
         cands = self._copies(seqs)
         ks = self._lookaheads(engine, seqs, [bool(c) for c in cands])
@@ -302,6 +326,26 @@ class SpecDecoder:
         # Never draft past max_tokens or the context: those proposals could not be kept.
         return [max(0, min(k, seq.room(engine.config.max_len))) for seq, k in zip(seqs, wanted)]
 
+    def _tree_budgets(self, engine, seqs: list[Sequence]) -> list[int]:
+        """Per row, the step's node budget: the controller's (one that ``picks_tree_budget``), else the
+        config's; a request's ``lookahead`` = 0 turns it off. Capped by the cache room and ``room``."""
+        fn = self.lookahead_fn
+        if fn is not None and getattr(fn, "picks_tree_budget", False):
+            wanted = fn(seqs)
+        else:
+            wanted = [0 if s.params.lookahead == 0 else self.config.tree_budget for s in seqs]
+        max_len = engine.config.max_len
+        return [0 if seq.room(max_len) <= 0 else max(0, min(n, max_len - int(engine.runner.lengths[seq.slot]) - 1))
+                for seq, n in zip(seqs, wanted)]
+
+    def _draft_probs(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """The distribution a token tree is expanded by: the request's processed distribution, or the
+        draft's softmax at temperature 1 for greedy requests (a ranking only: greedy tree nodes are chosen
+        deterministically, not drawn, so they are no behaviour distribution for an importance ratio)."""
+        if seq.params.greedy:
+            return torch.softmax(logits.float(), -1)
+        return processed_probs(logits, seq.params)
+
     def _propose(self, seqs: list[Sequence], ks: list[int]):
         """Chains of proposals (target ids), their behaviour log-probs, and q over the target vocab."""
         props: list[list[int]] = [[] for _ in seqs]
@@ -371,30 +415,3 @@ class SpecDecoder:
         for b, (seq, t) in enumerate(zip(seqs, tokens)):
             self.cache.lengths[seq.slot] = starts[b] + len(t)
             self._state[seq.slot] = _SlotState(out.logits[b], out.hidden[b])
-
-
-def verify_chains(seqs: list[Sequence], props: list[list[int]], target_logits: torch.Tensor,
-                  draft_q: Callable[[int, int], torch.Tensor]) -> list[Verdict]:
-    """The accept rule for each row: greedy rows in one batched call, sampled rows by rejection sampling.
-
-    ``target_logits`` [B, >=K+1, V] come from the verify pass; ``draft_q(b, V)`` gives row b's draft
-    distribution [k, V] over the target vocabulary (only called for sampled rows).
-    """
-    K = max((len(p) for p in props), default=0)
-    if K == 0:  # nothing proposed (a k = 0 step): plain sampling, as a decode step without a draft does
-        tokens = sample_tokens(target_logits[:, 0], [s.params for s in seqs], [s.generator for s in seqs])
-        return [Verdict(0, t) for t in tokens]
-    verdicts: list[Verdict | None] = [None] * len(seqs)
-    greedy = [b for b, s in enumerate(seqs) if s.params.greedy]
-    if greedy:
-        prop = torch.tensor([props[b] + [-1] * (K - len(props[b])) for b in greedy], dtype=torch.long)
-        acc, nxt = greedy_verify_batch(prop.view(len(greedy), K), torch.tensor([len(props[b]) for b in greedy]),
-                                       target_logits[greedy, : K + 1].argmax(-1))
-        for i, b in enumerate(greedy):
-            verdicts[b] = Verdict(int(acc[i]), int(nxt[i]))
-    for b, seq in enumerate(seqs):
-        if verdicts[b] is None:
-            p = processed_probs(target_logits[b, : len(props[b]) + 1], seq.params)
-            verdicts[b] = rejection_verify(torch.tensor(props[b], dtype=torch.long), draft_q(b, p.shape[-1]), p,
-                                           seq.generator)
-    return verdicts  # type: ignore[return-value]

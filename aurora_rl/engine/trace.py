@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aurora_rl.engine.sampling import SamplingParams, served_stats
+from aurora_rl.engine.token_tree import COPY
 
 
 class TraceStatus(enum.Enum):
@@ -70,6 +71,23 @@ class Trace:
     logit/T of the top-k/top-p set (-inf when nothing is cut) and the log-normaliser of the kept set.
     NaN rows where the engine had no full logits (prompt positions but the last); None (older traces,
     SGLang's) means all NaN: the learner recomputes what it needs there."""
+
+    tree_offsets: torch.Tensor | None = None
+    """[S + 1] long, token-tree steps (``SpecConfig.tree_topk`` > 0): step s's tree is nodes
+    ``tree_offsets[s]:tree_offsets[s + 1]`` of the ``tree_*`` columns, its root (the step's last committed
+    token) first. None: a chain-only trace. The chain columns above stay filled for tree steps: the
+    accepted path continued by first children (``aurora_rl.engine.tree_step``)."""
+    tree_tokens: torch.Tensor | None = None
+    """[N] long: every node's target token id (every branch, the rejected siblings included)."""
+    tree_parents: torch.Tensor | None = None
+    """[N] long: each node's parent within its step's tree (-1 for the root)."""
+    tree_logp: torch.Tensor | None = None
+    """[N] float: behaviour log-prob of each node under the draft at its parent (0: root, copied nodes the
+    draft did not score)."""
+    tree_copied: torch.Tensor | None = None
+    """[N] bool: the node came from the context's copy chain."""
+    tree_accepted: torch.Tensor | None = None
+    """[N] bool: the node is on its step's accepted path (the root counts as kept)."""
 
     def __post_init__(self) -> None:
         if (self.temperature == 0.0) != bool(self.greedy):
@@ -131,9 +149,17 @@ class TraceRecorder:
             stats[taps.shape[0] - logits.shape[0]:] = served_stats(logits, self.params)
         self.stats.append(stats)
 
+    trees: list[tuple] = field(default_factory=list)
+    """Per step (tree steps only): (tokens, parents, logp, copied, on the accepted path)."""
+
     def add_step(self, position: int, proposals: list[int], logp: list[float], accepted: int, version: int,
-                 seconds: float, copied: bool = False) -> None:
+                 seconds: float, copied: bool = False, tree=None, path: list[int] | None = None) -> None:
+        """One verify step; ``tree`` (a ``TokenTree``) and ``path`` (its accepted nodes) for tree steps."""
         self.steps.append((position, proposals, logp, accepted, version, seconds, copied))
+        if tree is not None:
+            kept = set(path or []) | {0}
+            self.trees.append((list(tree.tokens), list(tree.parents), list(tree.logp),
+                               [src == COPY for src in tree.source], [i in kept for i in range(len(tree))]))
 
     def finish(self, request_id: str, prompt_ids: list[int], output_ids: list[int], status: TraceStatus,
                finish_reason: str | None, greedy: bool) -> Trace:
@@ -149,6 +175,14 @@ class TraceRecorder:
             proposals[i, :len(props)] = torch.tensor(props, dtype=torch.long)
             logp[i, :len(lp)] = torch.tensor(lp)
         col = lambda j, dt: torch.tensor([s[j] for s in self.steps], dtype=dt)  # noqa: E731
+        tree = {}
+        if self.trees:
+            sizes = torch.tensor([len(t[0]) for t in self.trees], dtype=torch.long)
+            flat = lambda j, dt: torch.tensor([x for t in self.trees for x in t[j]], dtype=dt)  # noqa: E731
+            tree = dict(tree_offsets=torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
+                        tree_tokens=flat(0, torch.long), tree_parents=flat(1, torch.long),
+                        tree_logp=flat(2, torch.float32), tree_copied=flat(3, torch.bool),
+                        tree_accepted=flat(4, torch.bool))
         return Trace(
             request_id=request_id, prompt_ids=torch.tensor(prompt_ids, dtype=torch.long),
             output_ids=torch.tensor(output_ids, dtype=torch.long), taps=taps, hidden=hidden,
@@ -156,5 +190,5 @@ class TraceRecorder:
             accepted=col(3, torch.long), lookahead=torch.tensor([len(s[1]) for s in self.steps], dtype=torch.long),
             policy_version=col(4, torch.long), step_time_s=col(5, torch.float32), copied=col(6, torch.bool),
             status=status, finish_reason=finish_reason, greedy=greedy, served_stats=stats,
-            temperature=float(self.params.temperature), top_p=float(self.params.top_p), top_k=int(self.params.top_k),
+            temperature=float(self.params.temperature), top_p=float(self.params.top_p), top_k=int(self.params.top_k), **tree,
         )

@@ -231,6 +231,11 @@ INLINE float hsum(v16f v) {
 
 INLINE v16f vselect(v16u m, v16f a, v16f b) { return (v16f)(((v16u)a & m) | ((v16u)b & ~m)); }
 
+/* Tree attention: a query whose cache index is n - 1 carries a mask tm over the 64 keys n-64..n-1 (bit
+   i = key n-1-i visible); keys before those are always visible. ~0 (no mask given) is plain causal. */
+#define NO_TREE (~(uint64_t)0)
+#define TREE_HIDDEN(tm, n, j) ((tm) != NO_TREE && (j) < (n) && (j) + 64 >= (n) && !(((tm) >> ((n) - 1 - (j))) & 1u))
+
 /* exp for x <= 0 (Cephes polynomial, relative error ~1e-7); inputs below -87 give ~1e-38. */
 INLINE v16f vexp(v16f x) {
     const v16f lo = (v16f){0} - 87.3f;
@@ -255,7 +260,7 @@ INLINE v16f vexp(v16f x) {
         const T *kr = kp + j * hd;                                                                    \
         v16f a = qv[0] * LOAD(kr);                                                                    \
         for (int64_t d = 1; d < nv; d++) a += qv[d] * LOAD(kr + d * 16);                               \
-        float s = hsum(a);                                                                            \
+        float s = TREE_HIDDEN(tm, n, j) ? -1.0e30f : hsum(a);                                         \
         buf[j] = s; mx = s > mx ? s : mx;                                                             \
     }                                                                                                 \
     const int64_t npad = (n + 15) & ~(int64_t)15;                                                     \
@@ -264,6 +269,7 @@ INLINE v16f vexp(v16f x) {
     for (int64_t j = 0; j < npad; j += 16) {                                                          \
         v16f e = vexp(load16_f32(buf + j) - mx);                                                      \
         if (j + 16 > n) for (int64_t i = n - j; i < 16; i++) e[i] = 0.f;                              \
+        if (tm != NO_TREE) for (int i = 0; i < 16; i++) if (TREE_HIDDEN(tm, n, j + i)) e[i] = 0.f;     \
         store16_f32(buf + j, e, 16); total += e;                                                      \
     }                                                                                                 \
     for (int64_t j = 0; j < n; j++) {                                                                 \
@@ -274,8 +280,9 @@ INLINE v16f vexp(v16f x) {
 
 #define ATTN_KERNEL(NAME, T, LOAD, STORE)                                                             \
 void NAME(const T *q, int64_t sqb, int64_t sqt, int64_t sqh, const T *kc, const T *vc, int64_t s_slot, \
-          int64_t s_head, const int64_t *slots, const int64_t *pos, T *out, int64_t B, int64_t Tq,     \
-          int64_t nh, int64_t nkv, int64_t hd, int64_t max_keys, float scale, int threads) {          \
+          int64_t s_head, const int64_t *slots, const int64_t *pos, const uint64_t *tmask, T *out,      \
+          int64_t B, int64_t Tq, int64_t nh, int64_t nkv, int64_t hd, int64_t max_keys, float scale,   \
+          int threads) {                                                                              \
     const int64_t g = nh / nkv;                                                                       \
     _Pragma("omp parallel num_threads(threads)")                                                      \
     {                                                                                                 \
@@ -284,6 +291,7 @@ void NAME(const T *q, int64_t sqb, int64_t sqt, int64_t sqh, const T *kc, const 
         for (int64_t task = 0; task < B * Tq * nh; task++) {                                          \
             const int64_t h = task % nh, t = (task / nh) % Tq, b = task / (nh * Tq);                  \
             const int64_t n = pos[b * Tq + t] + 1;                                                    \
+            const uint64_t tm = tmask ? tmask[b * Tq + t] : NO_TREE;                                  \
             const T *qp = q + b * sqb + t * sqt + h * sqh;                                            \
             const T *kp = kc + slots[b] * s_slot + (h / g) * s_head;                                  \
             const T *vp = vc + slots[b] * s_slot + (h / g) * s_head;                                  \
@@ -296,7 +304,8 @@ void NAME(const T *q, int64_t sqb, int64_t sqt, int64_t sqh, const T *kc, const 
 }
 
 /* out [B, T, nh, hd] = attention of q [B, T, nh, hd] (strides sqb, sqt, sqh) over the cache rows
-   slots[b] (k/v caches [slots, nkv, max_len, hd]), query (b, t) seeing keys 0..pos[b, t]. */
+   slots[b] (k/v caches [slots, nkv, max_len, hd]), query (b, t) seeing keys 0..pos[b, t] (pos: the
+   query's own cache index), less those its tree mask tmask[b, t] hides (tmask may be NULL). */
 ATTN_KERNEL(aurora_attn_bf16, uint16_t, load16_bf16, store_bf16)
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -319,8 +328,8 @@ INLINE v8f reduce8(const v8f *a) {
 /* QC (at most 4) float32 queries that share one KV head, in one pass over its keys and values: a block of 8
    keys is scored for every query while it is in L1, and each value row is read once for all of them.
    Query i sees keys 0..n[i]-1. hd % 16 == 0. */
-INLINE void attn_chunk_f32(const float **qp, const int64_t *n, float **op, const float *kp, const float *vp,
-                           int64_t hd, float scale, float *buf, int64_t stride, const int QC) {
+INLINE void attn_chunk_f32(const float **qp, const int64_t *n, const uint64_t *tm, float **op, const float *kp,
+                           const float *vp, int64_t hd, float scale, float *buf, int64_t stride, const int QC) {
     const int64_t nc = hd / 8, nv = hd / 16;
     int64_t nmax = 0;
     for (int i = 0; i < QC; i++) nmax = n[i] > nmax ? n[i] : nmax;
@@ -344,6 +353,7 @@ INLINE void attn_chunk_f32(const float **qp, const int64_t *n, float **op, const
             v8f sc = reduce8(a) * scale;
             const int64_t valid = n[i] - j0;  /* causal: keys past this query's position are masked */
             if (valid < 8) for (int jj = valid < 0 ? 0 : (int)valid; jj < 8; jj++) sc[jj] = -1.0e30f;
+            if (tm[i] != NO_TREE) for (int jj = 0; jj < 8; jj++) if (TREE_HIDDEN(tm[i], n[i], j0 + jj)) sc[jj] = -1.0e30f;
             memcpy(buf + i * stride + j0, &sc, 32);
         }
     }
@@ -357,6 +367,7 @@ INLINE void attn_chunk_f32(const float **qp, const int64_t *n, float **op, const
         for (int64_t j0 = 0; j0 < npad; j0 += 16) {
             v16f e = vexp(load16_f32(bi + j0) - mx);
             if (j0 + 16 > n[i]) for (int l = 0; l < 16; l++) if (j0 + l >= n[i]) e[l] = 0.f;
+            if (tm[i] != NO_TREE) for (int l = 0; l < 16; l++) if (TREE_HIDDEN(tm[i], n[i], j0 + l)) e[l] = 0.f;
             store16_f32(bi + j0, e, 16);
             total += e;
         }
@@ -393,20 +404,21 @@ INLINE void attn_chunk_f32(const float **qp, const int64_t *n, float **op, const
         _Pragma("omp for schedule(static)")                                                           \
         for (int64_t task = 0; task < B * nkv * chunks; task++) {                                     \
             const int64_t c = task % chunks, kvh = (task / chunks) % nkv, b = task / (chunks * nkv);  \
-            const T *qp[4]; T *op[4]; int64_t n[4];                                                   \
+            const T *qp[4]; T *op[4]; int64_t n[4]; uint64_t tm[4];                                   \
             const int64_t first = c * qc, count = (per_head - first) < qc ? (per_head - first) : qc;  \
             for (int64_t i = 0; i < count; i++) {                                                     \
                 const int64_t t = (first + i) / g, h = kvh * g + (first + i) % g;                     \
                 qp[i] = q + b * sqb + t * sqt + h * sqh;                                              \
                 op[i] = out + ((b * Tq + t) * nh + h) * hd;                                           \
                 n[i] = pos[b * Tq + t] + 1;                                                           \
+                tm[i] = tmask ? tmask[b * Tq + t] : NO_TREE;                                          \
             }                                                                                         \
             const T *kp = kc + slots[b] * s_slot + kvh * s_head, *vp = vc + slots[b] * s_slot + kvh * s_head; \
             switch (count) {                                                                          \
-                case 1: CHUNKFN(qp, n, op, kp, vp, hd, scale, buf, stride, 1); break;                 \
-                case 2: CHUNKFN(qp, n, op, kp, vp, hd, scale, buf, stride, 2); break;                 \
-                case 3: CHUNKFN(qp, n, op, kp, vp, hd, scale, buf, stride, 3); break;                 \
-                default: CHUNKFN(qp, n, op, kp, vp, hd, scale, buf, stride, 4); break;                \
+                case 1: CHUNKFN(qp, n, tm, op, kp, vp, hd, scale, buf, stride, 1); break;                 \
+                case 2: CHUNKFN(qp, n, tm, op, kp, vp, hd, scale, buf, stride, 2); break;                 \
+                case 3: CHUNKFN(qp, n, tm, op, kp, vp, hd, scale, buf, stride, 3); break;                 \
+                default: CHUNKFN(qp, n, tm, op, kp, vp, hd, scale, buf, stride, 4); break;                \
             }                                                                                         \
         }                                                                                             \
         free(buf);                                                                                    \
@@ -414,7 +426,8 @@ INLINE void attn_chunk_f32(const float **qp, const int64_t *n, float **op, const
 
 /* As aurora_attn_bf16 (same arguments) for float32, with the queries of one KV head taken together. */
 void aurora_attn_f32(const float *q, int64_t sqb, int64_t sqt, int64_t sqh, const float *kc, const float *vc,
-                     int64_t s_slot, int64_t s_head, const int64_t *slots, const int64_t *pos, float *out,
+                     int64_t s_slot, int64_t s_head, const int64_t *slots, const int64_t *pos,
+                     const uint64_t *tmask, float *out,
                      int64_t B, int64_t Tq, int64_t nh, int64_t nkv, int64_t hd, int64_t max_keys, float scale,
                      int threads) {
     ATTN_CHUNKED(float, attn_chunk_f32)
@@ -437,7 +450,7 @@ INLINE __m512 reduce16(__m512 *a) {
 
 /* QC queries sharing one KV head. Scores with bf16 dot products (exact products, fp32 sums), softmax
    and the weighted sum of values in fp32. hd % 32 == 0, hd <= 256. */
-INLINE void attn_chunk_dp(const uint16_t **qp, const int64_t *n, uint16_t **op, const uint16_t *kp,
+INLINE void attn_chunk_dp(const uint16_t **qp, const int64_t *n, const uint64_t *tm, uint16_t **op, const uint16_t *kp,
                           const uint16_t *vp, int64_t hd, float scale, float *buf, int64_t stride, const int QC) {
     const int64_t nc = hd / 32, nv = hd / 16;
     int64_t nmax = 0;
@@ -463,6 +476,11 @@ INLINE void attn_chunk_dp(const uint16_t **qp, const int64_t *n, uint16_t **op, 
                 __mmask16 keep = valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
                 sc = _mm512_mask_blend_ps(keep, _mm512_set1_ps(-1.0e30f), sc);
             }
+            if (tm[i] != NO_TREE) {
+                __mmask16 hide = 0;
+                for (int jj = 0; jj < 16; jj++) if (TREE_HIDDEN(tm[i], n[i], j0 + jj)) hide |= (__mmask16)(1u << jj);
+                sc = _mm512_mask_blend_ps(hide, sc, _mm512_set1_ps(-1.0e30f));
+            }
             _mm512_storeu_ps(bi + j0, sc);
         }
         __m512 mx = _mm512_set1_ps(-1.0e30f);
@@ -473,6 +491,7 @@ INLINE void attn_chunk_dp(const uint16_t **qp, const int64_t *n, uint16_t **op, 
             v16f e = vexp((v16f)_mm512_loadu_ps(bi + j0) - m);
             const int64_t valid = n[i] - j0;
             if (valid < 16) e = (v16f)_mm512_maskz_mov_ps(valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1), (__m512)e);
+            if (tm[i] != NO_TREE) for (int l = 0; l < 16; l++) if (TREE_HIDDEN(tm[i], n[i], j0 + l)) e[l] = 0.f;
             _mm512_storeu_ps(bi + j0, (__m512)e);
             total += e;
         }
@@ -496,8 +515,8 @@ INLINE void attn_chunk_dp(const uint16_t **qp, const int64_t *n, uint16_t **op, 
    built without AVX512-BF16 (then nothing is computed). */
 int aurora_attn_bf16_dp(const uint16_t *q, int64_t sqb, int64_t sqt, int64_t sqh, const uint16_t *kc,
                         const uint16_t *vc, int64_t s_slot, int64_t s_head, const int64_t *slots,
-                        const int64_t *pos, uint16_t *out, int64_t B, int64_t Tq, int64_t nh, int64_t nkv,
-                        int64_t hd, int64_t max_keys, float scale, int threads) {
+                        const int64_t *pos, const uint64_t *tmask, uint16_t *out, int64_t B, int64_t Tq,
+                        int64_t nh, int64_t nkv, int64_t hd, int64_t max_keys, float scale, int threads) {
 #if defined(__AVX512BF16__)
     ATTN_CHUNKED(uint16_t, attn_chunk_dp)
     return 1;
@@ -560,19 +579,21 @@ SILU_KERNEL(aurora_silu_mul_f32, float, load16_f32, store16_f32, keep_f32)
 
 /* RoPE on the q and k heads of qkv rows [rows, (nh + 2 nkv) * hd] (row r = batch r / T, position
    pos[r]): q goes to q_out [rows, nh, hd], rotated k and v into the slot cache at (slots[r / T], head,
-   pos[r]). Products and the sum are rounded as transformers' q * cos + rotate_half(q) * sin. */
+   cidx[r], which is pos[r] when cidx is NULL; a tree's nodes share positions, not cache entries).
+   Products and the sum are rounded as transformers' q * cos + rotate_half(q) * sin. */
 #define ROPE_KERNEL(NAME, T, TOF, FROMF)                                                              \
-void NAME(const T *qkv, const T *cos, const T *sin, const int64_t *pos, const int64_t *slots,         \
-          T *q_out, T *kc, T *vc, int64_t s_slot, int64_t s_head, int64_t rows, int64_t Tq,           \
+void NAME(const T *qkv, const T *cos, const T *sin, const int64_t *pos, const int64_t *cidx,          \
+          const int64_t *slots, T *q_out, T *kc, T *vc, int64_t s_slot, int64_t s_head, int64_t rows,  \
+          int64_t Tq,                                                                                 \
           int64_t nh, int64_t nkv, int64_t hd, int threads) {                                         \
     const int64_t width = (nh + 2 * nkv) * hd, half = hd / 2;                                         \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows >= 64)")                  \
     for (int64_t r = 0; r < rows; r++) {                                                              \
-        const int64_t p = pos[r], slot = slots[r / Tq];                                               \
-        const T *c = cos + p * hd, *s = sin + p * hd;                                                 \
+        const int64_t slot = slots[r / Tq], w = cidx ? cidx[r] : pos[r];                              \
+        const T *c = cos + pos[r] * hd, *s = sin + pos[r] * hd;                                       \
         for (int64_t h = 0; h < nh + nkv; h++) {                                                      \
             const T *x = qkv + r * width + h * hd;                                                    \
-            T *dst = h < nh ? q_out + (r * nh + h) * hd : kc + slot * s_slot + (h - nh) * s_head + p * hd; \
+            T *dst = h < nh ? q_out + (r * nh + h) * hd : kc + slot * s_slot + (h - nh) * s_head + w * hd; \
             for (int64_t d = 0; d < hd; d++) {                                                        \
                 const float rot = d < half ? -TOF(x[d + half]) : TOF(x[d - half]);                    \
                 const float t1 = TOF(FROMF(TOF(x[d]) * TOF(c[d]))), t2 = TOF(FROMF(rot * TOF(s[d])));  \
@@ -580,7 +601,7 @@ void NAME(const T *qkv, const T *cos, const T *sin, const int64_t *pos, const in
             }                                                                                         \
         }                                                                                             \
         for (int64_t h = 0; h < nkv; h++)                                                             \
-            memcpy(vc + slot * s_slot + h * s_head + p * hd, qkv + r * width + (nh + nkv + h) * hd,   \
+            memcpy(vc + slot * s_slot + h * s_head + w * hd, qkv + r * width + (nh + nkv + h) * hd,   \
                    (size_t)hd * sizeof(T));                                                           \
     }                                                                                                 \
 }
@@ -601,11 +622,11 @@ ROPE_KERNEL(aurora_rope_write_f32, float, same_f32, same_f32)
    mlp_out = down(silu(gate) * up). Scratch lives in ``work`` (see ``layer_workspace`` in Python). */
 static void attn_any_bf16(const uint16_t *q, int64_t sqb, int64_t sqt, int64_t sqh, const uint16_t *kc,
                           const uint16_t *vc, int64_t s_slot, int64_t s_head, const int64_t *slots,
-                          const int64_t *pos, uint16_t *out, int64_t B, int64_t Tq, int64_t nh, int64_t nkv,
-                          int64_t hd, int64_t max_keys, float scale, int threads) {
-    if (hd % 32 != 0 || !aurora_attn_bf16_dp(q, sqb, sqt, sqh, kc, vc, s_slot, s_head, slots, pos, out, B, Tq,
-                                             nh, nkv, hd, max_keys, scale, threads))
-        aurora_attn_bf16(q, sqb, sqt, sqh, kc, vc, s_slot, s_head, slots, pos, out, B, Tq, nh, nkv, hd,
+                          const int64_t *pos, const uint64_t *tmask, uint16_t *out, int64_t B, int64_t Tq,
+                          int64_t nh, int64_t nkv, int64_t hd, int64_t max_keys, float scale, int threads) {
+    if (hd % 32 != 0 || !aurora_attn_bf16_dp(q, sqb, sqt, sqh, kc, vc, s_slot, s_head, slots, pos, tmask, out, B,
+                                             Tq, nh, nkv, hd, max_keys, scale, threads))
+        aurora_attn_bf16(q, sqb, sqt, sqh, kc, vc, s_slot, s_head, slots, pos, tmask, out, B, Tq, nh, nkv, hd,
                          max_keys, scale, threads);
 }
 static inline void add_bias_bf16(uint16_t *y, const uint16_t *b, int64_t n) {
@@ -619,9 +640,10 @@ static inline void add_bias_f32(float *y, const float *b, int64_t n) { for (int6
 #define LAYER_TAIL(SUFFIX, ATTN, QW)                                                                  \
     aurora_gemv##SUFFIX(w_qkv, h, qkv, M, W, QW, QW, W, threads);                                     \
     if (b_qkv) for (int64_t r = 0; r < M; r++) add_bias##SUFFIX(qkv + r * W, b_qkv, W);                \
-    aurora_rope_write##SUFFIX(qkv, cos, sin, pos, slots, q, kc, vc, s_slot, s_head, M, Tq, nh, nkv, hd, \
-                              threads);                                                               \
-    ATTN(q, Tq * A, A, hd, kc, vc, s_slot, s_head, slots, pos, att, B, Tq, nh, nkv, hd, kv_len,       \
+    aurora_rope_write##SUFFIX(qkv, cos, sin, pos, cidx, slots, q, kc, vc, s_slot, s_head, M, Tq, nh, nkv, \
+                              hd, threads);                                                           \
+    ATTN(q, Tq * A, A, hd, kc, vc, s_slot, s_head, slots, cidx ? cidx : pos, tmask, att, B, Tq, nh, nkv, \
+         hd, kv_len,                                                                                  \
          (float)(1.0 / __builtin_sqrt((double)hd)), threads);                                         \
     aurora_gemv##SUFFIX(w_o, att, o, M, H, A, A, H, threads);                                         \
     aurora_add_rmsnorm##SUFFIX(resid, o, resid, h, post_w, M, H, eps, threads);                       \
@@ -638,7 +660,8 @@ static inline void add_bias_f32(float *y, const float *b, int64_t n) { for (int6
 void aurora_layer##SUFFIX(const T *x, const T *pending, T *resid, T *mlp_out, const T *in_w,          \
                           const T *post_w, const T *w_qkv, const T *b_qkv, const T *w_o, const T *w_gu, \
                           const T *w_down, const T *cos, const T *sin, const int64_t *pos,            \
-                          const int64_t *slots, T *kc, T *vc, T *work, int64_t s_slot, int64_t s_head, \
+                          const int64_t *cidx, const uint64_t *tmask, const int64_t *slots,          \
+                          T *kc, T *vc, T *work, int64_t s_slot, int64_t s_head, \
                           int64_t B, int64_t Tq, int64_t nh, int64_t nkv, int64_t hd, int64_t H,      \
                           int64_t I, int64_t kv_len, float eps, int threads) {                        \
     LAYER_SCRATCH(T, H)                                                                               \
@@ -652,7 +675,8 @@ void aurora_layer##SUFFIX(const T *x, const T *pending, T *resid, T *mlp_out, co
 void aurora_draft_layer##SUFFIX(const T *emb, const T *hid, T *resid, T *mlp_out, const T *emb_w,     \
                                 const T *hid_w, const T *post_w, const T *w_qkv, const T *w_o,        \
                                 const T *w_gu, const T *w_down, const T *cos, const T *sin,           \
-                                const int64_t *pos, const int64_t *slots, T *kc, T *vc, T *work,      \
+                                const int64_t *pos, const int64_t *cidx, const uint64_t *tmask,       \
+                                const int64_t *slots, T *kc, T *vc, T *work,                          \
                                 int64_t s_slot, int64_t s_head, int64_t B, int64_t Tq, int64_t nh,    \
                                 int64_t nkv, int64_t hd, int64_t H, int64_t I, int64_t kv_len,        \
                                 float eps, int threads) {                                             \

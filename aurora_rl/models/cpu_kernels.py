@@ -58,12 +58,12 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {  # C function (one per dtype: _bf16, _f32) -> argument types; the last int is threads
     "aurora_gemv": [_P] * 3 + [_I] * 5 + [_T],
-    "aurora_attn": [_P, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P] + [_I] * 6 + [_F, _T],
+    "aurora_attn": [_P, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P] + [_I] * 6 + [_F, _T],
     "aurora_add_rmsnorm": [_P] * 5 + [_I, _I, _F, _T],
     "aurora_silu_mul": [_P, _P, _I, _I, _T],
-    "aurora_rope_write": [_P] * 8 + [_I] * 7 + [_T],
-    "aurora_layer": [_P] * 18 + [_I] * 10 + [_F, _T],
-    "aurora_draft_layer": [_P] * 18 + [_I] * 10 + [_F, _T],
+    "aurora_rope_write": [_P] * 9 + [_I] * 7 + [_T],
+    "aurora_layer": [_P] * 20 + [_I] * 10 + [_F, _T],
+    "aurora_draft_layer": [_P] * 20 + [_I] * 10 + [_F, _T],
 }
 
 
@@ -296,7 +296,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
 # ---- attention over the slot cache ------------------------------------------------------------------
 
 def _attention(kernels: _Kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               slots: torch.Tensor, positions: torch.Tensor, scale: float, max_keys: int) -> torch.Tensor:
+               slots: torch.Tensor, positions: torch.Tensor, scale: float, max_keys: int,
+               tree_mask: torch.Tensor | None = None) -> torch.Tensor:
     B, T, nh, hd = q.shape
     nkv = k_cache.shape[1]
     out = torch.empty(B, T, nh * hd, dtype=q.dtype)
@@ -305,9 +306,13 @@ def _attention(kernels: _Kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cach
     else:
         fn = kernels.fn("aurora_attn", q.dtype)
     fn(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k_cache.data_ptr(), v_cache.data_ptr(),
-       k_cache.stride(0), k_cache.stride(1), slots.data_ptr(), positions.data_ptr(), out.data_ptr(),
-       B, T, nh, nkv, hd, max_keys, scale, _threads())
+       k_cache.stride(0), k_cache.stride(1), slots.data_ptr(), positions.data_ptr(), _ptr(tree_mask),
+       out.data_ptr(), B, T, nh, nkv, hd, max_keys, scale, _threads())
     return out
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def attention_supported(k_cache: torch.Tensor) -> bool:
@@ -319,19 +324,26 @@ def attention_supported(k_cache: torch.Tensor) -> bool:
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-              positions: torch.Tensor, scale: float, kv_len: int | None = None) -> torch.Tensor:
+              positions: torch.Tensor, scale: float, kv_len: int | None = None,
+              tree_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, T, H, D] over one layer's slot cache k/v [slots, Hkv, max_len, D] -> [B, T, H*D].
 
     Query (b, t) sees keys 0..positions[b, t] of cache row slots[b] (causal, so right padding is
     harmless); query head h reads KV head h // (H / Hkv). Softmax in float32. Meant for a few queries
     per row (decode, verify): one pass over each row's keys per group of up to four queries.
-    ``kv_len`` (max position + 1) saves a reduction when the caller knows it.
+    ``kv_len`` (max position + 1) saves a reduction when the caller knows it. ``tree_mask`` [B, T] int64
+    (tree verification; ``positions`` are then the queries' cache indices): bit i of a query's mask at
+    cache index c says whether key c - i is visible, for i < 64; keys before c - 63 are always visible.
     """
     kernels = _kernels()
     assert kernels is not None and v_cache.stride() == k_cache.stride() and q.dtype == k_cache.dtype
     assert q.stride(-1) == 1 and slots.dtype == positions.dtype == torch.int64
     kv_len = int(positions.max()) + 1 if kv_len is None else kv_len
-    return _attention(kernels, q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale, kv_len)
+    if tree_mask is not None:
+        assert tree_mask.dtype == torch.int64 and tree_mask.shape == positions.shape
+        tree_mask = tree_mask.contiguous()
+    return _attention(kernels, q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale, kv_len,
+                      tree_mask)
 
 
 # ---- elementwise steps ------------------------------------------------------------------------------
@@ -368,11 +380,13 @@ def silu_mul(gate_up: torch.Tensor, kernels: _Kernels | None = None) -> torch.Te
 
 def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
-               num_kv_heads: int, kernels: _Kernels | None = None) -> torch.Tensor:
+               num_kv_heads: int, kernels: _Kernels | None = None,
+               cache_index: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE on the q and k heads of ``qkv`` [B, T, (H + 2 Hkv) * D]; k (rotated) and v go into the slot
     cache at (slots[b], head, positions[b, t]); returns the rotated q [B, T, H, D]. ``cos``/``sin`` are
     the full [max_pos, D] tables (``RotaryTable.cos``/``.sin``); the caller keeps positions inside them
-    and inside the cache (they are not checked here)."""
+    and inside the cache (they are not checked here). ``cache_index`` [B, T] (a tree's nodes: RoPE at
+    their depth, cache entries of their own) says where k and v go instead of ``positions``."""
     kernels = kernels or _kernels()
     B, T, width = qkv.shape
     hd = k_cache.shape[-1]
@@ -381,7 +395,8 @@ def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
     positions, slots = positions.contiguous(), slots.contiguous()  # named: their pointers must stay valid
     q = torch.empty(B, T, num_heads, hd, dtype=qkv.dtype)
     kernels.fn("aurora_rope_write", qkv.dtype)(
-        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), q.data_ptr(),
+        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), _ptr(cache_index), slots.data_ptr(),
+        q.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), B * T, T, num_heads,
         num_kv_heads, hd, _threads())
     return q
@@ -401,13 +416,15 @@ def layer_workspace(rows: int, hidden: int, intermediate: int, num_heads: int, n
 def decoder_layer(x: torch.Tensor, pending: torch.Tensor | None, resid: torch.Tensor, mlp_out: torch.Tensor,
                   weights: tuple, rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor,
                   slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
-                  work: torch.Tensor, shape: tuple[int, int, int, int, int], eps: float) -> None:
+                  work: torch.Tensor, shape: tuple[int, int, int, int, int], eps: float,
+                  tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One Llama/Qwen2 decoder layer for x [B, T, H] (few tokens per row): writes the residual stream
     ``resid`` = x + pending + attention and ``mlp_out`` (its MLP output, added by the caller or fused
     into the next layer's norm), and this layer's keys/values into the cache. ``weights`` = (input norm,
     post norm, packed qkv, qkv bias or None, packed o, packed gate_up, packed down); ``shape`` =
     (num_heads, num_kv_heads, head_dim, hidden, intermediate). The same kernels, in the same order and
-    with the same rounding, as the step-by-step path."""
+    with the same rounding, as the step-by-step path. ``tree`` = (cache index, tree mask), both [B, T]
+    int64 contiguous, as ``rope_write`` and ``attention`` take them."""
     in_w, post_w, w_qkv, b_qkv, w_o, w_gu, w_down = weights
     nh, nkv, hd, hidden, inter = shape
     B, T, _ = x.shape
@@ -415,14 +432,23 @@ def decoder_layer(x: torch.Tensor, pending: torch.Tensor | None, resid: torch.Te
         x.data_ptr(), None if pending is None else pending.data_ptr(), resid.data_ptr(), mlp_out.data_ptr(),
         in_w.data_ptr(), post_w.data_ptr(), w_qkv.data_ptr(), None if b_qkv is None else b_qkv.data_ptr(),
         w_o.data_ptr(), w_gu.data_ptr(), w_down.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
-        positions.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), work.data_ptr(),
-        k_cache.stride(0), k_cache.stride(1), B, T, nh, nkv, hd, hidden, inter, kv_len, eps, _threads())
+        positions.data_ptr(), *_tree_ptrs(tree), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        work.data_ptr(), k_cache.stride(0), k_cache.stride(1), B, T, nh, nkv, hd, hidden, inter, kv_len, eps,
+        _threads())
+
+
+def _tree_ptrs(tree: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[int | None, int | None]:
+    if tree is None:
+        return None, None
+    assert all(t.dtype == torch.int64 and t.is_contiguous() for t in tree)
+    return tree[0].data_ptr(), tree[1].data_ptr()
 
 
 def draft_layer(emb: torch.Tensor, hid: torch.Tensor, resid: torch.Tensor, mlp_out: torch.Tensor, weights: tuple,
                 rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int, work: torch.Tensor,
-                shape: tuple[int, int, int, int, int], eps: float) -> None:
+                shape: tuple[int, int, int, int, int], eps: float,
+                tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """The EAGLE3 draft's decoder layer for emb, hid [B, T, H] (contiguous): qkv reads
     [emb_norm(emb) | hidden_norm(hid)], the residual stream ``resid`` starts from hid; writes ``resid``
     (hid + attention) and ``mlp_out`` as ``decoder_layer`` does. ``weights`` = (emb norm, hidden norm,
@@ -434,6 +460,7 @@ def draft_layer(emb: torch.Tensor, hid: torch.Tensor, resid: torch.Tensor, mlp_o
     _kernels().fn("aurora_draft_layer", emb.dtype)(
         emb.data_ptr(), hid.data_ptr(), resid.data_ptr(), mlp_out.data_ptr(), emb_w.data_ptr(), hid_w.data_ptr(),
         post_w.data_ptr(), w_qkv.data_ptr(), w_o.data_ptr(), w_gu.data_ptr(), w_down.data_ptr(), rope_cos.data_ptr(),
-        rope_sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        rope_sin.data_ptr(), positions.data_ptr(), *_tree_ptrs(tree), slots.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(),
         work.data_ptr(), k_cache.stride(0), k_cache.stride(1), B, T, nh, nkv, hd, hidden, inter, kv_len, eps,
         _threads())

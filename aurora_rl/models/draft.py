@@ -19,7 +19,8 @@ from torch import nn
 from aurora_rl.models.config import ModelConfig
 from aurora_rl.models.kv_cache import SlotKVCache
 from aurora_rl.models import cpu_kernels
-from aurora_rl.models.layers import GatedMLP, Linear, RMSNorm, RotaryTable, apply_rope, attend, causal_mask
+from aurora_rl.models.layers import (GatedMLP, Linear, RMSNorm, RotaryTable, TreeAttention, apply_rope, attend,
+                                     causal_mask, tree_mask)
 
 
 @dataclass(slots=True)
@@ -71,6 +72,8 @@ class DraftOutput:
 
 NATIVE_ATTENTION_MAX_TOKENS = 8
 """Most queries per row that take the native attention kernel (it makes one pass per group of four)."""
+NATIVE_TREE_MAX_TOKENS = 64
+"""The same for a token tree's nodes (the width of its mask)."""
 
 
 class Eagle3Draft(nn.Module):
@@ -190,15 +193,18 @@ class Eagle3Draft(nn.Module):
         return (self.input_norm.weight, self.hidden_norm.weight, self.post_norm.weight, *packed)
 
     def _fused_step(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                    cache: SlotKVCache, slots: torch.Tensor, logit_index: torch.Tensor | None) -> DraftOutput | None:
+                    cache: SlotKVCache, slots: torch.Tensor, logit_index: torch.Tensor | None,
+                    tree: TreeAttention | None = None) -> DraftOutput | None:
         """A few tokens per row in one native call for the layer (a proposal step, or feeding the tokens
         a verify kept); None where the kernels do not apply (training, long extends, other dtypes). With
         ``logit_index`` every position goes through the layer (a few rows cost little more than one)
         and the head runs on the indexed one."""
         B, T, H = hidden.shape
-        if T > NATIVE_ATTENTION_MAX_TOKENS or torch.is_grad_enabled() or hidden.dtype != self.dtype:
+        limit = NATIVE_ATTENTION_MAX_TOKENS if tree is None else NATIVE_TREE_MAX_TOKENS
+        if T > limit or torch.is_grad_enabled() or hidden.dtype != self.dtype:
             return None
-        kv_len, hidden = int(positions.max()) + 1, hidden.contiguous()
+        kv_len = int((positions if tree is None else tree.cache_index).max()) + 1
+        hidden = hidden.contiguous()
         if (kv_len > self.rope.cos.shape[0] or cache.k[0].dtype != self.dtype
                 or not cpu_kernels.attention_supported(cache.k[0]) or not cpu_kernels.elementwise_supported(hidden)):
             return None
@@ -213,7 +219,7 @@ class Eagle3Draft(nn.Module):
         cpu_kernels.draft_layer(emb, hidden, resid, mlp_out, weights, self.rope.cos, self.rope.sin,
                                 positions.long().contiguous(), slots.long().contiguous(), cache.k[0], cache.v[0],
                                 kv_len, work, (c.num_heads, c.num_kv_heads, c.head_dim, H, c.intermediate_size),
-                                c.rms_norm_eps)
+                                c.rms_norm_eps, **({} if tree is None else {"tree": (tree.cache_index, tree.mask)}))
         h, normed = cpu_kernels.add_rmsnorm(resid, mlp_out, self.norm.weight, c.rms_norm_eps)
         if logit_index is not None:
             rows = torch.arange(B)
@@ -221,17 +227,25 @@ class Eagle3Draft(nn.Module):
         return DraftOutput(logits=self.lm_head(normed), hidden=h)
 
     def forward(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                cache: SlotKVCache, slots: torch.Tensor, logit_index: torch.Tensor | None = None) -> DraftOutput:
+                cache: SlotKVCache, slots: torch.Tensor, logit_index: torch.Tensor | None = None,
+                tree: TreeAttention | None = None) -> DraftOutput:
         """Serving step over the draft's slot cache (``hidden`` already fused or the draft's own).
 
         With ``logit_index`` [B] (feeding a run of kept positions), every position writes its key and
         value to the cache but only the indexed one per row goes on through attention, the MLP and the
         head: the others are only ever read as keys, so a long catch-up costs two projections per position.
+        With ``tree`` (a token tree's nodes, no ``logit_index``) ``positions`` are RoPE's and ``tree`` places
+        each node's cache entry and masks its non-ancestors (``aurora_rl.engine.token_tree``).
         """
-        fused = self._fused_step(token_ids, hidden, positions, cache, slots, logit_index)
+        if tree is not None:
+            assert logit_index is None
+            tree = TreeAttention(tree.cache_index.long().contiguous(), tree.mask.long().contiguous())
+        fused = self._fused_step(token_ids, hidden, positions, cache, slots, logit_index, tree)
         if fused is not None:
             return fused
         q, k, v = self.project_qkv(token_ids, hidden, positions)
+        if tree is not None:
+            return self._tree_attention(q, k, v, hidden, cache, slots, tree)
         cache.write(0, slots, positions, k, v)
         if logit_index is not None:
             rows = torch.arange(q.shape[0])
@@ -250,6 +264,21 @@ class Eagle3Draft(nn.Module):
         h = self.post_attention(hidden, attn)
         if logit_index is not None:
             h = h[:, 0]
+        return DraftOutput(logits=self.lm_head(self.norm(h)), hidden=h)
+
+    def _tree_attention(self, q, k, v, hidden, cache: SlotKVCache, slots: torch.Tensor,
+                        tree: TreeAttention) -> DraftOutput:
+        """The PyTorch path of a tree pass: write at the nodes' cache entries, attend under the tree mask."""
+        cache.write(0, slots, tree.cache_index, k, v)
+        kv_len = int(tree.cache_index.max()) + 1
+        if (tree.cache_index.shape[1] <= NATIVE_TREE_MAX_TOKENS and not torch.is_grad_enabled()
+                and q.dtype == cache.k[0].dtype and cpu_kernels.attention_supported(cache.k[0])):
+            attn = cpu_kernels.attention(q.transpose(1, 2), cache.k[0], cache.v[0], slots.long(), tree.cache_index,
+                                         self.hd ** -0.5, kv_len, tree_mask=tree.mask)
+        else:
+            keys, values = cache.view(0, slots, kv_len)
+            attn = attend(q, keys, values, tree_mask(tree.cache_index, tree.mask, kv_len))
+        h = self.post_attention(hidden, attn)
         return DraftOutput(logits=self.lm_head(self.norm(h)), hidden=h)
 
 

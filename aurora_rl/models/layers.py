@@ -13,6 +13,7 @@ query heads that share a KV head into one batch of queries, because PyTorch's bf
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +242,28 @@ def causal_mask(q_positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     """Boolean mask [B, 1, T, kv_len]: query at position p sees keys 0..p of its own row."""
     keys = torch.arange(kv_len, device=q_positions.device)
     return (keys.view(1, 1, 1, -1) <= q_positions.unsqueeze(1).unsqueeze(-1))
+
+
+@dataclass(slots=True)
+class TreeAttention:
+    """Where a pass of token-tree nodes lives: RoPE runs at each node's position (its depth past the row's
+    length), but each node has a cache entry of its own and sees only its ancestors among the tree."""
+
+    cache_index: torch.Tensor
+    """[B, T] int64: the cache entry each token writes (and its causal limit)."""
+    mask: torch.Tensor
+    """[B, T] int64 bits: bit i set = the key at cache_index - i is visible (i < 64; bit 0, the token
+    itself, always set); keys before cache_index - 63 are all visible. The native kernels' layout."""
+
+
+def tree_mask(cache_index: torch.Tensor, bits: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Boolean mask [B, 1, T, kv_len] from a ``TreeAttention``'s cache indices and mask bits."""
+    keys = torch.arange(kv_len, device=cache_index.device).view(1, 1, -1)
+    back = cache_index.unsqueeze(-1) - keys  # [B, T, kv_len]: how far behind the query each key is
+    in_window = (back >= 0) & (back < 64)
+    bit = (bits.unsqueeze(-1) >> back.clamp(0, 63)) & 1
+    visible = (back >= 64) | (in_window & (bit == 1))
+    return visible.unsqueeze(1)
 
 
 def group_mask(mask: torch.Tensor | None, group: int) -> torch.Tensor | None:

@@ -22,8 +22,8 @@ from torch import nn
 from aurora_rl.models import cpu_kernels, quant
 from aurora_rl.models.config import ModelConfig
 from aurora_rl.models.kv_cache import CachePlan, SlotKVCache
-from aurora_rl.models.layers import (GatedMLP, Linear, RMSNorm, RotaryTable, attend_grouped, causal_mask, group_mask,
-                                     rotate)
+from aurora_rl.models.layers import (GatedMLP, Linear, RMSNorm, RotaryTable, TreeAttention, attend_grouped,
+                                     causal_mask, group_mask, rotate, tree_mask)
 
 
 @dataclass
@@ -39,6 +39,10 @@ class TargetOutput:
 NATIVE_ATTENTION_MAX_TOKENS = 8
 """Passes with at most this many tokens per row (decode, verify) use the native attention kernel;
 longer ones (prefill) use SDPA, which amortises better over many queries."""
+
+NATIVE_TREE_MAX_TOKENS = 64
+"""Token-tree verify passes take the native kernel up to this many nodes per row (the tree mask's
+width): one pass over the keys per group of four queries still beats SDPA with a mask there."""
 
 
 @dataclass(slots=True)
@@ -59,6 +63,8 @@ class PassContext:
     """RoPE, cache writes and attention by ``cpu_kernels`` (few tokens per row, CPU)."""
     positions: torch.Tensor
     rope: RotaryTable
+    tree: TreeAttention | None = None
+    """Token-tree pass: cache entries and ancestor masks of its tokens (``positions`` stay RoPE's)."""
 
 
 class Attention(nn.Module):
@@ -75,8 +81,10 @@ class Attention(nn.Module):
         nh, nkv = self.nh, self.nkv
         kc, vc = ctx.cache.k[layer], ctx.cache.v[layer]
         qkv = self.qkv(x)
+        tree = ctx.tree
         if ctx.native and self.q_norm is None:
-            q = cpu_kernels.rope_write(qkv, ctx.rope.cos, ctx.rope.sin, ctx.positions, ctx.plan.slots, kc, vc, nh, nkv)
+            q = cpu_kernels.rope_write(qkv, ctx.rope.cos, ctx.rope.sin, ctx.positions, ctx.plan.slots, kc, vc, nh, nkv,
+                                       cache_index=None if tree is None else tree.cache_index)
         else:
             qkv = qkv.view(B, T, nh + 2 * nkv, self.hd)
             qk = qkv[:, :, :nh + nkv]
@@ -87,8 +95,9 @@ class Attention(nn.Module):
             ctx.cache.write_planned(layer, ctx.plan, k, v)
             q = qk[:, :, :nh]
         if ctx.native:
-            return self.o(cpu_kernels.attention(q, kc, vc, ctx.plan.slots, ctx.positions, self.hd ** -0.5,
-                                                ctx.plan.kv_len))
+            where = ctx.positions if tree is None else tree.cache_index
+            return self.o(cpu_kernels.attention(q, kc, vc, ctx.plan.slots, where, self.hd ** -0.5, ctx.plan.kv_len,
+                                                tree_mask=None if tree is None else tree.mask))
         keys, values = ctx.cache.view_planned(layer, ctx.plan)
         return self.o(attend_grouped(q, keys, values, ctx.mask, ctx.causal))
 
@@ -213,7 +222,8 @@ class TargetModel(nn.Module):
         layer_fn(
             x, pending, resid, mlp_out, weights[i], self.rope.cos, self.rope.sin, ctx.positions, ctx.plan.slots,
             ctx.cache.k[i], ctx.cache.v[i], ctx.plan.kv_len, work,
-            (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size), c.rms_norm_eps)
+            (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size), c.rms_norm_eps,
+            **({} if ctx.tree is None else {"tree": (ctx.tree.cache_index, ctx.tree.mask)}))
         return resid, mlp_out
 
     batch_invariant = False
@@ -242,28 +252,36 @@ class TargetModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: SlotKVCache,
                 slots: torch.Tensor, logit_index: torch.Tensor | None = None,
-                with_taps: bool = True) -> TargetOutput:
+                with_taps: bool = True, tree: TreeAttention | None = None) -> TargetOutput:
         """Run ``input_ids`` [B, T] at ``positions`` [B, T] for cache rows ``slots`` [B].
 
         Each row's positions must be contiguous and start at that row's cache length; right padding
         is allowed (padded entries land past the row's length and are never attended by real tokens).
+        With ``tree`` the tokens are token-tree nodes: ``positions`` are their RoPE positions, ``tree``
+        says which cache entry each writes and which keys it sees (``aurora_rl.engine.token_tree``).
         """
         B, T = input_ids.shape
         slots, positions = slots.long().contiguous(), positions.long().contiguous()  # the kernels read int64
-        plan = cache.plan(slots, positions)
+        if tree is not None:
+            tree = TreeAttention(tree.cache_index.long().contiguous(), tree.mask.long().contiguous())
+        plan = cache.plan(slots, positions if tree is None else tree.cache_index)
         kv_len = plan.kv_len
         if kv_len > cache.max_len:
             raise ValueError(f"position {kv_len - 1} exceeds the cache's max_len={cache.max_len}")
         c = self.config
-        native = (T <= NATIVE_ATTENTION_MAX_TOKENS and kv_len <= self.rope.cos.shape[0]
+        max_tokens = NATIVE_ATTENTION_MAX_TOKENS if tree is None else NATIVE_TREE_MAX_TOKENS
+        native = (T <= max_tokens and kv_len <= self.rope.cos.shape[0]
                   and cache.k[0].dtype == self.dtype and cpu_kernels.attention_supported(cache.k[0]))
         mask = cos = sin = None
-        causal = not native and plan.row_slice is not None and plan.row_slice[1] == 0  # fresh prefill
-        if not (native or causal) and not (T == 1 and bool((positions == kv_len - 1).all())):
+        causal = (tree is None and not native and plan.row_slice is not None
+                  and plan.row_slice[1] == 0)  # fresh prefill
+        if tree is not None and not native:
+            mask = group_mask(tree_mask(tree.cache_index, tree.mask, kv_len), c.num_heads // c.num_kv_heads)
+        elif not (native or causal) and not (T == 1 and bool((positions == kv_len - 1).all())):
             mask = group_mask(causal_mask(positions, kv_len), c.num_heads // c.num_kv_heads)
         if not native or c.qk_norm:
             cos, sin = self.rope.gather_rows(positions)
-        ctx = PassContext(cache, plan, cos, sin, mask, causal, native, positions, self.rope)
+        ctx = PassContext(cache, plan, cos, sin, mask, causal, native, positions, self.rope, tree)
         x, pending = self.embed(input_ids), None
         layer_out: dict[int, torch.Tensor] = {}
         # the fused layer runs every projection in the gemv: only where it beats PyTorch at B * T rows

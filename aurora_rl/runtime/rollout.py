@@ -64,9 +64,15 @@ class RolloutWorker:
         self.decoder = SpecDecoder(draft, engine.num_slots, engine.max_len,
                                    SpecConfig(lookahead=engine.lookahead, capture_traces=engine.capture_traces,
                                               trace_dtype=engine.trace_dtype,
-                                              context_copy=engine.context_copy is not False),
+                                              context_copy=engine.context_copy is not False,
+                                              tree_topk=engine.tree_topk, tree_budget=engine.tree_budget,
+                                              tree_depth=engine.tree_depth),
                                    trace_sink=self._on_trace, policy_version=version)
-        if engine.adaptive_lookahead:
+        if engine.adaptive_lookahead and engine.tree_topk > 0:
+            from aurora_rl.engine.adaptive_tree import AdaptiveTreeBudget, quarter_budgets
+
+            AdaptiveTreeBudget(quarter_budgets(engine.tree_budget)).attach(self.decoder)
+        elif engine.adaptive_lookahead:
             from aurora_rl.engine.adaptive import AdaptiveLookahead
 
             AdaptiveLookahead(engine.lookahead).attach(self.decoder)

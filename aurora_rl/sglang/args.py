@@ -108,14 +108,25 @@ class SGLangServerConfig:
     def from_engine(cls, engine: Any, model_path: str, draft_path: str, **overrides: Any) -> "SGLangServerConfig":
         """Map our engine section onto a chain: lookahead -> steps, num_slots -> max_running_requests,
         max_len -> context_length; an ``engine.sglang`` mapping (if the schema has one) and ``overrides``
-        set the rest."""
+        set the rest. With token trees (``engine.tree_topk`` > 0) the tree settings our engine uses set the
+        server's: tree_depth -> steps, tree_topk -> ``--speculative-eagle-topk``, tree_budget + 1 ->
+        ``--speculative-num-draft-tokens`` (the root counts there)."""
         values: dict[str, Any] = {
             "model_path": model_path, "draft_path": draft_path,
             "speculative_num_steps": engine.lookahead, "speculative_eagle_topk": 1,
             "speculative_num_draft_tokens": engine.lookahead + 1,
             "max_running_requests": engine.num_slots, "context_length": engine.max_len,
         }
-        values.update(split_engine_options(dict(getattr(engine, "sglang", None) or {})).server)
+        server = split_engine_options(dict(getattr(engine, "sglang", None) or {})).server
+        values.update(server)
+        if getattr(engine, "tree_topk", 0) > 0:  # token trees: the same settings as our engine's trees
+            tree = {"speculative_num_steps": engine.tree_depth, "speculative_eagle_topk": engine.tree_topk,
+                    "speculative_num_draft_tokens": engine.tree_budget + 1}
+            for key, value in tree.items():
+                if key in server and server[key] != value:
+                    raise ValueError(f"SGLangServerConfig.{key}={server[key]} contradicts engine.tree_topk/"
+                                     f"tree_budget/tree_depth, which set it to {value}; set those instead")
+            values.update(tree)
         values.update(overrides)
         if values.get("speculative_eagle_topk", 1) == 1 and "speculative_num_draft_tokens" not in overrides:
             values["speculative_num_draft_tokens"] = values["speculative_num_steps"] + 1

@@ -46,6 +46,8 @@ TENSOR_FIELDS = ("prompt_ids", "output_ids", "taps", "hidden", "step_position", 
 _RANK = {"taps": 2, "hidden": 2, "proposals": 2, "behaviour_logp": 2}
 OPTIONAL_FIELDS = ("copied", "served_stats")
 """Step columns added after format 1 was first written: saved always, absent in older files (default)."""
+TREE_FIELDS = ("tree_offsets", "tree_tokens", "tree_parents", "tree_logp", "tree_copied", "tree_accepted")
+"""Token-tree columns (``Trace.tree_*``): saved when a trace has them, None when a file has not."""
 _STEP_COLUMNS = ("step_position", "accepted", "lookahead", "policy_version", "step_time_s")
 
 
@@ -61,7 +63,7 @@ def save_traces(traces: list[Trace], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for i, t in enumerate(traces):
-        for name in TENSOR_FIELDS + OPTIONAL_FIELDS:
+        for name in TENSOR_FIELDS + OPTIONAL_FIELDS + tuple(n for n in TREE_FIELDS if getattr(t, n) is not None):
             # clone: views into a bigger storage (or storage shared between fields) are refused by safetensors.
             tensors[f"{i}.{name}"] = getattr(t, name).detach().cpu().contiguous().clone()
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "num_traces": str(len(traces)),
@@ -143,7 +145,7 @@ def _read_trace(path: Path, i: int, info, handle, keys: set[str]) -> Trace:
         if f"{i}.{name}" not in keys:
             raise ValueError(f"{where}: missing field {name!r}")
         fields[name] = handle.get_tensor(f"{i}.{name}")
-    for name in OPTIONAL_FIELDS:
+    for name in OPTIONAL_FIELDS + TREE_FIELDS:
         if f"{i}.{name}" in keys:
             fields[name] = handle.get_tensor(f"{i}.{name}")
     check_trace_fields(fields, where)

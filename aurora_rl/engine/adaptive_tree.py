@@ -1,0 +1,142 @@
+"""Adaptive tree budget: pick each step's token-tree size from measured acceptance and measured step cost.
+
+The tree counterpart of ``AdaptiveLookahead`` (``aurora_rl.engine.adaptive``), for a ``SpecDecoder``
+that proposes trees (``SpecConfig.tree_topk`` > 0): ``AdaptiveTreeBudget(budgets).attach(decoder)``
+becomes the decoder's budget picker and times every step. One budget for the whole batch, chosen from
+``budgets`` (0 = no speculation, which costs what plain decoding costs: the draft is fed lazily).
+
+Model, per budget n: tokens per row and step E[n] = 1 + accepted tokens per row-step, a discounted mean
+over the steps that ran at n (acceptance does not depend on the batch size); cost t(B, n) = the wall
+time of ``decode`` (less the draft catch-up it paid for earlier budget-0 steps) as an EMA per batch
+bucket (powers of two). Choice: n* = argmax E[n] / t(B, n), ties within ``min_gain`` to the smaller
+budget, so noise never buys speculation that does not pay. Exploration: every budget is tried
+``probe_steps`` times per bucket before the first choice (E starts at 1, as if nothing were accepted),
+then with probability ``epsilon`` a step takes a neighbouring budget; a hot swap of the draft (a new
+policy version) halves the acceptance evidence.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from aurora_rl.engine.lookahead_model import bucket
+from aurora_rl.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class TreeBudgetConfig:
+    """Settings of the adaptive tree-budget controller."""
+
+    probe_steps: int = 3
+    """Steps each budget runs per batch bucket before the controller chooses."""
+    epsilon: float = 0.03
+    """Probability that a step tries a budget next to the chosen one."""
+    horizon: int = 200
+    """Acceptance evidence decays by 1 - 1/horizon per step at that budget."""
+    cost_ema: float = 0.2
+    """Weight of the newest step time in a cell's EMA."""
+    min_gain: float = 0.02
+    """A larger budget must promise this relative gain in tokens/s to be chosen."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.probe_steps < 1 or not 0 <= self.epsilon < 1 or self.horizon < 1 or not 0 < self.cost_ema <= 1:
+            raise ValueError(f"need probe_steps >= 1, 0 <= epsilon < 1, horizon >= 1, 0 < cost_ema <= 1; got {self}")
+
+
+def quarter_budgets(budget: int) -> list[int]:
+    """0 and the quarters of ``budget`` (distinct, >= 1): the sizes a controller chooses among by default."""
+    return sorted({0} | {max(1, round(budget * q / 4)) for q in (1, 2, 3, 4)} if budget > 0 else {0})
+
+
+class AdaptiveTreeBudget:
+    """Chooses each step's tree budget among ``budgets``; a ``SpecDecoder.lookahead_fn`` (module doc)."""
+
+    picks_tree_budget = True
+
+    def __init__(self, budgets: list[int], config: TreeBudgetConfig | None = None) -> None:
+        if not budgets or min(budgets) < 0:
+            raise ValueError(f"budgets must be a non-empty list of sizes >= 0, got {budgets}")
+        self.budgets = sorted(set(budgets) | {0})
+        self.config = config or TreeBudgetConfig()
+        self.rng = random.Random(self.config.seed)
+        self.tokens = {n: [0.0, 0.0] for n in self.budgets}
+        """Per budget: discounted (accepted tokens, row-steps)."""
+        self.cost: dict[int, dict[int, list[float]]] = {}
+        """Per batch bucket and budget: [EMA seconds, steps measured]."""
+        self.chosen: list[int] = []
+        """The budget of every step (for reports)."""
+        self._pending: int | None = None
+        self._version = None
+
+    def expected_tokens(self, n: int) -> float:
+        acc, steps = self.tokens[n]
+        return 1.0 + (acc / steps if steps > 0 else 0.0)
+
+    def choose(self, batch: int) -> int:
+        cells = self.cost.setdefault(bucket(batch), {})
+        for n in self.budgets:  # probe every budget first
+            if cells.get(n, [0.0, 0])[1] < self.config.probe_steps:
+                return n
+        rate = {n: self.expected_tokens(n) / cells[n][0] for n in self.budgets}
+        best = 0
+        for n in self.budgets:
+            if rate[n] > rate[best] * (1 + self.config.min_gain):
+                best = n
+        if self.rng.random() < self.config.epsilon:
+            i = self.budgets.index(best) + self.rng.choice((-1, 1))
+            best = self.budgets[min(max(i, 0), len(self.budgets) - 1)]
+        return best
+
+    def __call__(self, seqs: list[Sequence]) -> list[int]:
+        n = self.choose(len(seqs))
+        self._pending = n
+        self.chosen.append(n)
+        return [0 if s.params.lookahead == 0 else n for s in seqs]
+
+    def observe(self, batch: int, budget: int, seconds: float, accepted: int, rows: int) -> None:
+        cell = self.cost.setdefault(bucket(batch), {}).setdefault(budget, [seconds, 0])
+        a = self.config.cost_ema if cell[1] else 1.0
+        cell[0] = (1 - a) * cell[0] + a * seconds
+        cell[1] += 1
+        keep = 1 - 1 / self.config.horizon
+        tok = self.tokens[budget]
+        tok[0], tok[1] = keep * tok[0] + accepted, keep * tok[1] + rows
+
+    def forget(self, fraction: float = 0.5) -> None:
+        for tok in self.tokens.values():
+            tok[0] *= 1 - fraction
+            tok[1] *= 1 - fraction
+
+    def attach(self, decoder) -> "AdaptiveTreeBudget":
+        """Become ``decoder.lookahead_fn`` and time its ``decode`` steps; returns the controller."""
+        if getattr(decoder, "tree_proposer", None) is None:
+            raise ValueError("AdaptiveTreeBudget needs a SpecDecoder that proposes trees (SpecConfig.tree_topk > 0)")
+        if "decode" in vars(decoder):
+            raise ValueError("decoder already has a wrapped decode (attached twice?)")
+        inner = decoder.decode
+        self._version = decoder.policy_version
+
+        def decode(engine, seqs: list[Sequence]) -> None:
+            if decoder.policy_version != self._version:  # a hot-swapped draft: its acceptance is unknown
+                self._version = decoder.policy_version
+                self.forget(0.5)
+            a0, c0 = sum(s.accepted_tokens for s in seqs), decoder.catch_up_s
+            t0 = time.perf_counter()
+            inner(engine, seqs)
+            seconds = time.perf_counter() - t0 - (decoder.catch_up_s - c0)
+            budget, self._pending = self._pending, None
+            if budget is not None:
+                self.observe(len(seqs), budget, max(seconds, 1e-9), sum(s.accepted_tokens for s in seqs) - a0,
+                             len(seqs))
+
+        decoder.decode = decode
+        decoder.lookahead_fn = self
+        return self
+
+    def detach(self, decoder) -> None:
+        vars(decoder).pop("decode", None)
+        if decoder.lookahead_fn is self:
+            decoder.lookahead_fn = None

@@ -1,0 +1,89 @@
+"""One speculative step with token trees: propose trees, verify them in one target pass, keep one path.
+
+Per running row: the tree proposer (``aurora_rl.engine.tree_proposer``) builds a tree under the row's
+node budget (0: the root alone, a plain decoding row); ``ModelRunner.extend_tree`` runs every node of
+every row in one target pass; the accept rule of ``aurora_rl.engine.token_tree`` picks a root path and
+the next token; ``ModelRunner.keep_path`` moves the path's cache entries into place. The draft is then
+fed the kept positions exactly as after a chain step (``SpecDecoder._draft_extend``), lazily for rows
+that did not draft.
+
+The trace records the whole tree (every node's token, parent, behaviour log-prob and source) and the
+accepted path, beside the chain columns older learners read: the chain of a tree step is its
+accepted path continued, below the point where it stopped, by the first child at each node (the
+proposal that was rejected there), so ``proposals[:accepted]`` are the kept tokens as for a chain.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aurora_rl.engine.sequence import Sequence
+from aurora_rl.engine.token_tree import COPY, TokenTree
+from aurora_rl.engine.verify import verify_trees
+
+
+def chain_of(tree: TokenTree, path: list[int]) -> list[int]:
+    """The accepted path continued by first children: the chain view of a tree step (module docstring)."""
+    chain = list(path)
+    node = path[-1] if path else 0
+    while True:
+        kids = tree.children(node)
+        if not kids:
+            return chain
+        node = kids[0]
+        chain.append(node)
+
+
+def decode_trees(dec, engine, seqs: list[Sequence]) -> None:
+    """``SpecDecoder.decode`` when the decoder proposes trees (``SpecConfig.tree_topk`` > 0)."""
+    t0 = time.perf_counter()
+    copies = dec._copies(seqs)
+    budgets = dec._tree_budgets(engine, seqs)
+    drafting = [b for b, n in enumerate(budgets) if n > 0]
+    dec._catch_up([seqs[b] for b in drafting if seqs[b].slot in dec._pending])
+    states = {b: (dec._state[seqs[b].slot].logits, dec._state[seqs[b].slot].hidden) for b in drafting}
+    calls = dec.tree_proposer.draft_calls
+    trees = dec.tree_proposer.propose(seqs, budgets, [c if n > 0 else [] for c, n in zip(copies, budgets)],
+                                      states, dec._draft_probs, [s.room(engine.config.max_len) for s in seqs])
+    dec.draft_calls += dec.tree_proposer.draft_calls - calls
+    starts = [int(engine.runner.lengths[s.slot]) for s in seqs]
+    out = engine.runner.extend_tree([s.slot for s in seqs], trees)
+    verdicts = verify_trees(seqs, trees, out.logits)
+    new_tokens, kept_taps = [], []
+    for b, (seq, tree, v) in enumerate(zip(seqs, trees, verdicts)):
+        engine.runner.keep_path(seq.slot, v.path)
+        new_tokens.append([tree.tokens[i] for i in v.path] + [v.next_token])
+        kept_taps.append(out.taps[b, [0] + v.path])
+    fed = set(drafting)
+    for b in (b for b in range(len(seqs)) if b not in fed):
+        dec._defer(seqs[b].slot, starts[b], new_tokens[b], kept_taps[b])
+    if fed:
+        rows = sorted(fed)
+        dec._draft_extend([seqs[b] for b in rows], [new_tokens[b] for b in rows], [kept_taps[b] for b in rows],
+                          [starts[b] for b in rows])
+    dt = time.perf_counter() - t0
+    _record(dec, seqs, trees, verdicts, out, starts, dt)
+    for seq, toks in zip(seqs, new_tokens):
+        engine.append_tokens(seq, toks)
+
+
+def _record(dec, seqs, trees, verdicts, out, starts, dt: float) -> None:
+    chains = [chain_of(t, v.path) for t, v in zip(trees, verdicts)]
+    copied = [[1] if c and t.source[c[0]] == COPY else [] for t, c in zip(trees, chains)]
+    dec._count_depths([len(c) for c in chains], verdicts, copied)
+    for b, (seq, tree, v) in enumerate(zip(seqs, trees, verdicts)):
+        chain = chains[b]
+        seq.verify_steps += 1
+        seq.draft_tokens += tree.num_proposals
+        seq.accepted_tokens += v.accepted
+        dec.tree_nodes += tree.num_proposals
+        if copied[b]:
+            dec.copy_steps += 1
+            dec.copy_proposed += len(chain)
+            dec.copy_accepted += v.accepted
+        rec = dec._recorders.get(seq.request_id)
+        if rec is not None:
+            keep = [0] + v.path
+            rec.add_positions(out.taps[b, keep], out.hidden[b, keep])
+            rec.add_step(starts[b] - 1, [tree.tokens[i] for i in chain], [tree.logp[i] for i in chain], v.accepted,
+                         dec.policy_version, dt, copied=bool(copied[b]), tree=tree, path=v.path)
