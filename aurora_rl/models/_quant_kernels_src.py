@@ -236,8 +236,9 @@ QGEMV_KERNEL(_f32, float)
 void aurora_qlayer##SUFFIX(const T *x, const T *pending, T *resid, T *mlp_out, const T *in_w,         \
                            const T *post_w, const uint8_t *w_qkv, const T *b_qkv, const uint8_t *w_o, \
                            const uint8_t *w_gu, const uint8_t *w_down, const int64_t *kinds,          \
-                           const T *cos, const T *sin, const int64_t *pos, const int64_t *slots, T *kc, \
-                           T *vc, T *work, int64_t s_slot, int64_t s_head, int64_t B, int64_t Tq,     \
+                           const T *cos, const T *sin, const int64_t *pos, const int64_t *cidx,     \
+                           const uint64_t *tmask, const int64_t *slots, T *kc, T *vc, T *work,         \
+                           int64_t s_slot, int64_t s_head, int64_t B, int64_t Tq,     \
                            int64_t nh, int64_t nkv, int64_t hd, int64_t H, int64_t I, int64_t kv_len, \
                            float eps, int threads) {                                                  \
     LAYER_SCRATCH(T, H)                                                                               \
@@ -246,9 +247,10 @@ void aurora_qlayer##SUFFIX(const T *x, const T *pending, T *resid, T *mlp_out, c
            aurora_add_rmsnorm##SUFFIX(resid, NULL, NULL, h, in_w, M, H, eps, threads); }              \
     aurora_qgemv##SUFFIX(w_qkv, (int)kinds[0], h, qkv, M, W, H, H, W, threads);                       \
     if (b_qkv) for (int64_t r = 0; r < M; r++) add_bias##SUFFIX(qkv + r * W, b_qkv, W);                \
-    aurora_rope_write##SUFFIX(qkv, cos, sin, pos, slots, q, kc, vc, s_slot, s_head, M, Tq, nh, nkv, hd, \
-                              threads);                                                               \
-    ATTN(q, Tq * A, A, hd, kc, vc, s_slot, s_head, slots, pos, att, B, Tq, nh, nkv, hd, kv_len,       \
+    aurora_rope_write##SUFFIX(qkv, cos, sin, pos, cidx, slots, q, kc, vc, s_slot, s_head, M, Tq, nh, nkv, \
+                              hd, threads);                                                           \
+    ATTN(q, Tq * A, A, hd, kc, vc, s_slot, s_head, slots, cidx ? cidx : pos, tmask, att, B, Tq, nh, nkv, \
+         hd, kv_len,                                                                                  \
          (float)(1.0 / __builtin_sqrt((double)hd)), threads);                                         \
     aurora_qgemv##SUFFIX(w_o, (int)kinds[1], att, o, M, H, A, A, H, threads);                         \
     aurora_add_rmsnorm##SUFFIX(resid, o, resid, h, post_w, M, H, eps, threads);                       \

@@ -432,12 +432,12 @@ def decoder_layer(x: torch.Tensor, pending: torch.Tensor | None, resid: torch.Te
         x.data_ptr(), None if pending is None else pending.data_ptr(), resid.data_ptr(), mlp_out.data_ptr(),
         in_w.data_ptr(), post_w.data_ptr(), w_qkv.data_ptr(), None if b_qkv is None else b_qkv.data_ptr(),
         w_o.data_ptr(), w_gu.data_ptr(), w_down.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
-        positions.data_ptr(), *_tree_ptrs(tree), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        positions.data_ptr(), *tree_pointers(tree), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         work.data_ptr(), k_cache.stride(0), k_cache.stride(1), B, T, nh, nkv, hd, hidden, inter, kv_len, eps,
         _threads())
 
 
-def _tree_ptrs(tree: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[int | None, int | None]:
+def tree_pointers(tree: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[int | None, int | None]:
     if tree is None:
         return None, None
     assert all(t.dtype == torch.int64 and t.is_contiguous() for t in tree)
@@ -460,7 +460,7 @@ def draft_layer(emb: torch.Tensor, hid: torch.Tensor, resid: torch.Tensor, mlp_o
     _kernels().fn("aurora_draft_layer", emb.dtype)(
         emb.data_ptr(), hid.data_ptr(), resid.data_ptr(), mlp_out.data_ptr(), emb_w.data_ptr(), hid_w.data_ptr(),
         post_w.data_ptr(), w_qkv.data_ptr(), w_o.data_ptr(), w_gu.data_ptr(), w_down.data_ptr(), rope_cos.data_ptr(),
-        rope_sin.data_ptr(), positions.data_ptr(), *_tree_ptrs(tree), slots.data_ptr(), k_cache.data_ptr(),
+        rope_sin.data_ptr(), positions.data_ptr(), *tree_pointers(tree), slots.data_ptr(), k_cache.data_ptr(),
         v_cache.data_ptr(),
         work.data_ptr(), k_cache.stride(0), k_cache.stride(1), B, T, nh, nkv, hd, hidden, inter, kv_len, eps,
         _threads())
