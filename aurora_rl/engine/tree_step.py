@@ -84,6 +84,10 @@ def _record(dec, seqs, trees, verdicts, out, starts, dt: float) -> None:
         rec = dec._recorders.get(seq.request_id)
         if rec is not None:
             keep = [0] + v.path
-            rec.add_positions(out.taps[b, keep], out.hidden[b, keep])
-            rec.add_step(starts[b] - 1, [tree.tokens[i] for i in chain], [tree.logp[i] for i in chain], v.accepted,
+            rec.add_positions(out.taps[b, keep], out.hidden[b, keep],
+                              None if out.logits is None else out.logits[b, keep])
+            # A greedy request's nodes are picked, not drawn: the chain columns log the point mass (0),
+            # as the chain path does; tree_logp keeps the draft's scores the tree was ranked by.
+            logp = [0.0] * len(chain) if seq.params.greedy else [tree.logp[i] for i in chain]
+            rec.add_step(starts[b] - 1, [tree.tokens[i] for i in chain], logp, v.accepted,
                          dec.policy_version, dt, copied=bool(copied[b]), tree=tree, path=v.path)
