@@ -100,6 +100,10 @@ class ServeSupervisor:
             ray.get(learner.start.remote(), timeout=60)
             self.learner_state = "running"
             return
+        # A poll answered: the learner is up, even if the restart path above was cut short (a start that
+        # timed out under load raises out of the tick and would otherwise leave "restarting" for good).
+        if self.learner_state == "restarting":
+            self.learner_state = "running"
         self.learner_info = res["info"]
         if res["error"]:  # the loop thread died but the process lives: start the loop again
             self.learner_restarts += 1
