@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,16 +102,22 @@ def _build(compiler: str, source: str = SOURCE, name: str = "aurora_kernels", ex
     return target
 
 
+def bind(lib: ctypes.CDLL, signatures: dict[str, list]) -> dict[tuple[str, torch.dtype], Any]:
+    """Each ``name`` of ``signatures`` as its ``name_bf16`` / ``name_f32`` C functions, keyed by dtype."""
+    fns = {}
+    for name, args in signatures.items():
+        for dtype, suffix in ((torch.bfloat16, "_bf16"), (torch.float32, "_f32")):
+            fn = getattr(lib, name + suffix)
+            fn.argtypes, fn.restype = args, None
+            fns[name, dtype] = fn
+    return fns
+
+
 class _Kernels:
     """The loaded library: ``fn(name, dtype)`` is the C function for that dtype."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self._fns = {}
-        for name, args in _SIGNATURES.items():
-            for dtype, suffix in ((torch.bfloat16, "_bf16"), (torch.float32, "_f32")):
-                fn = getattr(lib, name + suffix)
-                fn.argtypes, fn.restype = args, None
-                self._fns[name, dtype] = fn
+        self._fns = bind(lib, _SIGNATURES)
         self.attn_dp = lib.aurora_attn_bf16_dp
         self.attn_dp.argtypes, self.attn_dp.restype = _SIGNATURES["aurora_attn"], ctypes.c_int
         self.avx512bf16 = bool(lib.aurora_has_avx512bf16())

@@ -184,12 +184,7 @@ class QuantWeight:
 
 class _QuantLib:
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self._fns = {}
-        for name, args in _SIGNATURES.items():
-            for dtype, suffix in ((torch.bfloat16, "_bf16"), (torch.float32, "_f32")):
-                fn = getattr(lib, name + suffix)
-                fn.argtypes, fn.restype = args, None
-                self._fns[name, dtype] = fn
+        self._fns = cpu_kernels.bind(lib, _SIGNATURES)
         lib.aurora_quant_body.restype = ctypes.c_char_p
         self.body = lib.aurora_quant_body().decode()
 
