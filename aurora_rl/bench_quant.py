@@ -9,9 +9,12 @@ speculation speedup per format, and each format's perplexity on held-out ShareGP
 - Every configuration serves the same waves of prompts, ABBA-interleaved (``bench_spec.run_cells``); the
   ratios are medians over waves of paired ratios of mean tokens/s, so a shared machine's slow spells hit
   all alike. "decode" rates count the tokens after the first over the time after it.
-- Speculation: per format, a plain engine and one with the adaptive controller (the serving default)
-  over ``--draft`` (default: the draft ``make demo`` trained, else a day-0 random one); the controller
-  times its own steps, so it prices each format's verify passes itself (its measured costs are printed).
+- Speculation: per format, a plain engine and one speculating as ``--spec`` says (a ``bench_spec``
+  lookahead item; default ``adaptive-tree+copy``: token trees with context copies, the budget chosen
+  per step by the adaptive controller) over ``--draft`` (default: the draft ``make demo`` trained, else
+  a day-0 random one), on ShareGPT ``--domain`` prompts (default code, the traffic that draft learned
+  from; prompts its run served are left out). The controller times its own steps, so it prices each
+  format's verify passes itself.
 - Perplexity: per format, next-token NLL over the first ``--ppl-tokens`` tokens of ``--ppl-texts``
   ShareGPT conversations from the end of the file (never sampled as prompts by the demo's workload).
 
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from aurora_rl.bench_spec import ADAPTIVE, Cell, paired_speedup, run_cells
+from aurora_rl.bench_spec import Cell, paired_speedup, parse_lookaheads, run_cells, trained_prompts
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +134,16 @@ def default_draft() -> str | None:
     return str(runs[-1].parent) if runs else None
 
 
-def prompts_and_texts(tokenizer, n_prompts: int, n_texts: int, seed: int) -> tuple[list, list, list]:
-    """ShareGPT chat prompts (template applied), a vocabulary sample for a day-0 draft, and held-out texts."""
+def prompts_and_texts(tokenizer, n_prompts: int, n_texts: int, seed: int, domain: str = "chat",
+                      seen: set[tuple[int, ...]] = frozenset()) -> tuple[list, list, list]:
+    """ShareGPT ``domain`` prompts (template applied, none of ``seen``), a vocabulary sample for a day-0
+    draft, and held-out texts."""
     from aurora_rl.data.sharegpt import chat_token_ids, domain_counts, load_conversations, sample_prompts
 
     ids = []
-    for p in sample_prompts("chat", domain_counts()["chat"], seed=seed):
+    for p in sample_prompts(domain, domain_counts()[domain], seed=seed):
         i = chat_token_ids(tokenizer, p.messages)
-        if len(i) <= 768:
+        if len(i) <= 768 and tuple(i) not in seen:
             ids.append(i)
         if len(ids) == n_prompts + 32:
             break
@@ -177,7 +182,8 @@ def run_batch(models: dict, tokenizer, draft, prompts: list, batch: int, args, p
     for label, model in models.items():
         cells[label] = Cell(model, tokenizer, draft, batch, None)
         if not args.no_spec:
-            cells[label + " +spec"] = Cell(model, tokenizer, draft, batch, ADAPTIVE)
+            cells[label + " +spec"] = Cell(model, tokenizer, draft, batch, args.spec, max_lookahead=5,
+                                           tree={"topk": 4, "budget": 12, "depth": 5, "budgets": [0, 4, 8, 12]})
     if peer is not None and batch == 1:
         cells["llama.cpp q4_1"] = peer
     run_cells(list(cells.values()), prompts, args.max_tokens, args.repeats)
@@ -196,7 +202,10 @@ def run_batch(models: dict, tokenizer, draft, prompts: list, batch: int, args, p
             row["spec_decode_speedup"] = paired_speedup(cell, plain, decode=True)[0]
             row["accept_length"] = statistics.mean(o.accept_length for o in outs)
             row["mean_lookahead"] = sum(o.draft_tokens for o in outs) / max(sum(o.verify_steps for o in outs), 1)
-            row["controller_costs_ms"] = [round(1e3 * c, 2) for c in cell.controller.costs(batch)]
+            if hasattr(cell.controller, "costs"):  # AdaptiveLookahead: its step cost by k
+                row["controller_costs_ms"] = [round(1e3 * c, 2) for c in cell.controller.costs(batch)]
+            if hasattr(cell.controller, "chosen"):  # AdaptiveTreeBudget: the budgets it chose
+                row["budget_histogram"] = {n: cell.controller.chosen.count(n) for n in cell.controller.budgets}
             row["greedy_identical_to_plain"] = sum(a.output_ids == b.output_ids for a, b in zip(outs, plain.outs))
         if peer is not None and batch == 1 and name in ("q4_1", "llama.cpp q4_1"):
             other = cells["llama.cpp q4_1" if name == "q4_1" else "q4_1"]
@@ -228,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--draft", default=None, help="EAGLE3 draft folder (default: the newest make-demo draft)")
     p.add_argument("--no-spec", action="store_true", help="leave out the speculation rows")
+    p.add_argument("--spec", default="adaptive-tree+copy",
+                   help="how the +spec rows speculate: one bench_spec lookahead item (4, adaptive+copy, tree+copy, ...)")
+    p.add_argument("--domain", default="code", choices=["code", "chat", "non_english", "all"],
+                   help="ShareGPT domain of the prompts (the demo's draft learned from code)")
     p.add_argument("--no-peer", action="store_true", help="leave out llama.cpp")
     p.add_argument("--ppl-texts", type=int, default=24)
     p.add_argument("--ppl-tokens", type=int, default=256)
@@ -235,6 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="batch 1, 2 prompts, 32 tokens, 4 texts")
     p.add_argument("--out", default=f"outputs/bench_quant/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     args = p.parse_args(argv)
+    try:
+        (args.spec,) = parse_lookaheads(args.spec)
+    except ValueError as e:
+        p.error(f"--spec: {e}")
     if args.quick:
         args.batch_sizes, args.prompts, args.max_tokens, args.ppl_texts, args.ppl_tokens = "1", 2, 32, 4, 128
     logging.basicConfig(level=logging.WARNING)
@@ -247,9 +264,15 @@ def main(argv: list[str] | None = None) -> dict:
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_smollm2()))
     models = load_models(gguf)
-    prompts, vocab_sample, texts = prompts_and_texts(tokenizer, args.prompts, args.ppl_texts, args.seed)
+    draft_path = args.draft or default_draft()
+    run_of_draft = Path(draft_path).resolve().parent if draft_path else None
+    seen = (trained_prompts(run_of_draft, tokenizer, models["q4_1"].config.vocab_size)
+            if run_of_draft and (run_of_draft / "requests.jsonl").is_file() else set())
+    prompts, vocab_sample, texts = prompts_and_texts(tokenizer, args.prompts, args.ppl_texts, args.seed, args.domain,
+                                                     seen)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     result = {"cpu": cpu, "machine": platform.machine(), "threads": args.threads, "quant_body": quant.body(),
+              "domain": args.domain, "spec": str(args.spec),
               "gguf": gguf.name, "max_tokens": args.max_tokens, "prompts": len(prompts), "batches": []}
     sections = set(args.sections.split(","))
     if "speed" in sections:
@@ -259,18 +282,20 @@ def main(argv: list[str] | None = None) -> dict:
                 peer = LlamaCppCell(gguf, args.threads)
             except ImportError:
                 print("llama-cpp-python is not installed (pip install '.[bench]'): no llama.cpp column")
-        draft_path = args.draft or default_draft()
         draft = load_draft(draft_path, models["q4_1"], vocab_sample)
         result["draft"] = draft_path or "day-0 random"
         for b in (int(x) for x in args.batch_sizes.split(",")):
             result["batches"].append(run_batch(models, tokenizer, draft, prompts, b, args, peer))
-        print(f"{cpu}, {args.threads} threads, kernels: {quant.body()}; {len(prompts)} ShareGPT chat prompts, "
-              f"{args.max_tokens} greedy tokens, draft {result['draft']}")
+        print(f"{cpu}, {args.threads} threads, kernels: {quant.body()}; {len(prompts)} ShareGPT {args.domain} prompts "
+              f"({len(seen)} the draft's run served left out), {args.max_tokens} greedy tokens, draft {result['draft']}, "
+              f"+spec = {args.spec}")
         print(table(result))
         for b in result["batches"]:
             for r in b["rows"]:
-                if "controller_costs_ms" in r:
-                    print(f"batch {b['batch']} {r['config']}: controller's step cost by k (ms) {r['controller_costs_ms']}; "
+                if "greedy_identical_to_plain" in r:
+                    chose = (f"controller's step cost by k (ms) {r['controller_costs_ms']}" if "controller_costs_ms" in r
+                             else f"budgets chosen {r.get('budget_histogram')}")
+                    print(f"batch {b['batch']} {r['config']}: {chose}; "
                           f"greedy outputs identical to plain: {r['greedy_identical_to_plain']}/{r['requests']}")
                 if "same_tokens_as_other_q4_1" in r and r["config"] == "q4_1":
                     print(f"ours q4_1 vs llama.cpp q4_1: first differing token per request {r['same_tokens_as_other_q4_1']}")

@@ -71,7 +71,7 @@ class Cell:
             fixed = max_lookahead if k in (ADAPTIVE, TREE, ADAPTIVE_TREE) else k
             cfg = SpecConfig(lookahead=fixed, capture_traces=capture, context_copy=copy,
                              tree_topk=tree.get("topk", 4) if trees else 0, tree_budget=tree.get("budget", 12),
-                             tree_depth=tree.get("depth", 5))
+                             tree_depth=tree.get("depth", 5), copy_max_tokens=tree.get("copy_max_tokens", 0))
             self.decoder = SpecDecoder(draft, batch, 2048, cfg, trace_sink=lambda t: None)
             if k == ADAPTIVE:
                 self.controller = AdaptiveLookahead(max_lookahead).attach(self.decoder)
@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tree-budget", type=int, default=12, help=f"proposed nodes per row and step of '{TREE}'")
     p.add_argument("--tree-depth", type=int, default=5, help="deepest draft expansion of a tree")
     p.add_argument("--tree-budgets", default="0,4,8,12", help=f"budgets '{ADAPTIVE_TREE}' chooses among")
+    p.add_argument("--copy-max-tokens", type=int, default=0,
+                   help="most tokens a copy proposes (0: the lookahead; in a tree, copies may go deeper than --tree-depth)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--domain", default="code", choices=["code", "chat", "non_english", "all"],
@@ -287,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.repeats < 1:  # before the model loads
         p.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.copy_max_tokens < 0:
+        p.error(f"--copy-max-tokens must be >= 0, got {args.copy_max_tokens}")
     if args.quick:
         args.batch_sizes, args.lookaheads, args.prompts, args.max_tokens = "1,4", "4,adaptive", 4, 16
     torch.set_num_threads(args.threads)
@@ -296,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     max_k = max([int(str(k).removesuffix(COPY)) for k in lookaheads if str(k).removesuffix(COPY).isdigit()],
                 default=5)
     tree = {"topk": args.tree_topk, "budget": args.tree_budget, "depth": args.tree_depth,
+            "copy_max_tokens": args.copy_max_tokens,
             "budgets": [int(x) for x in args.tree_budgets.split(",") if x.strip()]}
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         extra = [] if args.no_control else [CONTROL]

@@ -1,6 +1,9 @@
 """Record the two trace sets the objective ablation trains on: greedy, and sampled at T=0.8 top-p 0.95.
 
-Each set is served once by the day-0 draft (fixed lookahead, no context copies, traces captured) on
+Each set is served once by the day-0 draft, or by ``--record-draft`` (an EAGLE3 folder, e.g. the draft
+``make demo`` trained, so that the logged proposals are accepted often enough for the terms that read
+the logs to have something to learn from; the arms still start from the day-0 draft), at a fixed
+lookahead, no context copies, traces captured, on
 the same ShareGPT code prompts, and saved with ``aurora_rl.training.trace_io`` (so ``aurora-rl
 offline`` reads them too): ``<out>/<set>/train.safetensors`` and ``<out>/<set>/held_out.safetensors``
 (held-out prompts no arm trains on). ``<out>/key.json`` records the settings; a rerun with the same
@@ -50,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--record-draft", default=None,
+                    help="EAGLE3 draft folder that serves the recordings (default: the day-0 draft)")
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="sets to record")
     ap.add_argument("--serve-train", type=int, default=None,
                     help="serve only the first N training prompts for these sets (the day-0 draft is unchanged)")
@@ -112,6 +117,10 @@ def main(argv=None) -> None:
         say(f"traces in {out} are already recorded with these settings")
         return
     target, _, draft, traffic = day0(args)
+    if args.record_draft:
+        section = model_section(args)
+        section.draft = args.record_draft
+        draft = initial_draft(section, target, [], args.seed)
     train = [ids for ids, _ in traffic.requests][:args.serve_train]
     held = traffic.held_out["code"]
     for name in todo:  # each set is written once complete, so an interrupted run resumes at the next set
@@ -124,7 +133,7 @@ def main(argv=None) -> None:
         acc = sum(t.accepted_tokens for t in tr) / max(sum(t.verify_steps for t in tr), 1)
         say(f"{name}: {len(tr)} training + {len(ho)} held-out traces, "
             f"{sum(int(t.output_ids.numel()) for t in tr + ho)} tokens in {time.perf_counter() - t0:.0f}s; "
-            f"day-0 accept length while recording {1 + acc:.3f}")
+            f"accept length while recording ({args.record_draft or 'day-0 draft'}) {1 + acc:.3f}")
 
 
 if __name__ == "__main__":
