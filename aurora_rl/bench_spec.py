@@ -211,12 +211,12 @@ def load(args):
         i = chat_token_ids(tokenizer, p.messages)
         if tuple(i) in seen:
             excluded += 1
-        elif len(i) <= 768:
+        elif len(i) <= args.max_prompt_tokens:
             ids.append(i)
         if len(ids) == args.prompts + 64:
             break
     if len(ids) < args.prompts:
-        raise SystemExit(f"only {len(ids)} {args.domain!r} prompts of at most 768 tokens are left after excluding "
+        raise SystemExit(f"only {len(ids)} {args.domain!r} prompts of at most {args.max_prompt_tokens} tokens are left after excluding "
                          f"{excluded} that {args.exclude_run} trained on; --prompts asks for {args.prompts}")
     prompts, vocab_sample = ids[: args.prompts], ids[args.prompts:]
     draft = initial_draft(section, target, vocab_sample).to_dtype(target.dtype).eval()
@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="most tokens a copy proposes (0: the lookahead; in a tree, copies may go deeper than --tree-depth)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-tokens", type=int, default=1024,
+                   help="longest prompt taken (the code workload's limit: its held-out prompts are the bench's)")
     p.add_argument("--domain", default="code", choices=["code", "chat", "non_english", "all"],
                    help="ShareGPT domain of the prompts")
     p.add_argument("--seed", type=int, default=1, help="order in which the domain's prompts are taken")

@@ -157,6 +157,9 @@ class EvalSection:
     enabled: bool = True
     max_tokens: int = 128
     batch_size: int = 1
+    prompts: int = 0
+    """Held-out prompts per domain that the evaluation serves, the first of each domain's held-out set
+    (0: all of them). The held-out set can be larger: ``bench_spec`` measures on all of it."""
 
 
 @dataclass
@@ -226,6 +229,8 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"{key}={value} must be >= 1")
     if cfg.engine.lookahead < 0:
         raise ValueError(f"engine.lookahead={cfg.engine.lookahead} must be >= 0")
+    if cfg.eval.prompts < 0:
+        raise ValueError(f"eval.prompts={cfg.eval.prompts} must be >= 0 (0: every held-out prompt)")
     LearnerConfig(**vars(cfg.learner))  # the learner section's own checks, also for a config built in code
     if cfg.engine.lookahead > cfg.learner.depth:
         raise ValueError(f"engine.lookahead={cfg.engine.lookahead} exceeds learner.depth={cfg.learner.depth}: "

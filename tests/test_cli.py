@@ -152,6 +152,7 @@ def test_hydra_rejects_bad_keys_types_and_options(override, named):
     (["+algorithm.args.foo=1"], "foo"),
     (["engine.lookahead=9"], "engine.lookahead"),
     (["engine.num_slots=0"], "engine.num_slots"),
+    (["eval.prompts=-1"], "eval.prompts"),
     (["workload.phases=[{domain: klingon, requests: 5}]"], "klingon"),
 ])
 def test_validation_names_the_bad_key(overrides, named):

@@ -131,7 +131,7 @@ def evaluate(cfg: RunConfig, worker, traffic: Traffic) -> dict[str, float | None
     An SGLang or vLLM replica speculates with the lookahead it was started with, so it has no baseline
     without speculation: ``plain_tokens_per_s`` and ``speedup`` are None there.
     """
-    prompts = [p for ps in traffic.held_out.values() for p in ps]
+    prompts = [p for ps in traffic.held_out.values() for p in (ps[: cfg.eval.prompts] if cfg.eval.prompts else ps)]
     params = {"max_tokens": cfg.eval.max_tokens, "temperature": 0.0}
     spec = ray.get(worker.evaluate.remote(prompts, params, cfg.engine.lookahead, cfg.eval.batch_size))
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
