@@ -160,3 +160,29 @@ def test_collated_target_is_the_engines_served_distribution_over_the_full_vocab(
                 assert_close(ours, processed_probs(full, params)[d2t], atol=1e-5, rtol=1e-4)
     # Not renormalised over the draft vocab: the 64 draft ids of a 128-id vocab hold less than all.
     assert float(batch.target_logp[batch.mask].exp().sum(-1).max()) < 0.999
+
+
+def test_proposals_outside_the_learners_vocabulary_cut_the_chain_there(tiny):
+    """Traces of a draft with another vocabulary (before a refresh, or another draft's recordings): a
+    proposal this draft cannot make ends the scored chain, and the logged acceptance counts only as far
+    as the chain is kept, so the batch is valid (this raised 'accepted must lie in 0..k' before)."""
+    model, draft = tiny
+    traces = serve(model, draft, SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.0, seed=2), n=3, k=3)
+    other = make_draft(model, seed=1)  # another 64 of the 128 ids
+    batch = collate(traces, other, model.lm_head.weight.detach().float(), 3)
+    lb = batch.loss_batch(torch.zeros(*batch.target_logp.shape), 0)
+    expect_mask, expect_acc = [], []
+    for tr in traces:
+        keep = (tr.lookahead > 0) & ~tr.copied
+        for step in keep.nonzero().flatten().tolist():
+            ids = other.target_to_draft(tr.proposals[step, :3].clamp(min=0)).masked_fill(tr.proposals[step, :3] < 0, -1)
+            usable = [True] * 3
+            for j in range(3):
+                usable[j] = usable[j - 1] if j else True
+                usable[j] = usable[j] and j < int(tr.lookahead[step]) and int(ids[j]) >= 0
+            expect_mask.append(usable)
+            expect_acc.append(min(int(tr.accepted[step]), sum(usable)))
+    assert lb.proposal_mask.tolist() == expect_mask and lb.accepted.tolist() == expect_acc
+    cut = [a for a, tr_acc in zip(expect_acc, torch.cat([tr.accepted[(tr.lookahead > 0) & ~tr.copied] for tr in traces]).tolist())
+           if a < tr_acc]
+    assert cut, "the traces should hold an accepted proposal outside the other draft's vocabulary"

@@ -211,10 +211,14 @@ def _proposals(traces, draft, bases, S: int, K: int) -> dict:
         lp[:, :k] = t.behaviour_logp[steps, :k]
         rows.append(b * S + (t.step_position[steps] - (P - 1)))
         depth_ok = torch.arange(K).unsqueeze(0) < t.lookahead[steps].unsqueeze(1)
-        pmask.append(depth_ok & (ids >= 0))
+        # A proposal outside this draft's vocabulary (traces of a draft with another vocabulary: an older
+        # one before a refresh, or another draft's recordings) is one this draft cannot make: the chain
+        # is scored up to it, and its logged outcome counts only as far as the chain is kept.
+        usable = (depth_ok & (ids >= 0)).long().cumprod(1).bool()
+        pmask.append(usable)
         props.append(ids.clamp(min=0))
         logp.append(lp)
-        acc.append(t.accepted[steps])
+        acc.append(torch.minimum(t.accepted[steps], usable.sum(1)))
         lag.append(t.policy_version[steps])
         det.append(torch.full((len(steps),), bool(t.greedy)))
     if not rows:
