@@ -10,8 +10,8 @@ speculation speedup per format, and each format's perplexity on held-out ShareGP
   ratios are medians over waves of paired ratios of mean tokens/s, so a shared machine's slow spells hit
   all alike. "decode" rates count the tokens after the first over the time after it.
 - Speculation: per format, a plain engine and one speculating as ``--spec`` says (a ``bench_spec``
-  lookahead item; default ``adaptive-tree+copy``: token trees with context copies, the budget chosen
-  per step by the adaptive controller) over ``--draft`` (default: the draft ``make demo`` trained, else
+  lookahead item; default ``adaptive+copy``, the serving default: the adaptive controller picks k per
+  step, copies from the context where it repeats, the draft elsewhere) over ``--draft`` (default: the draft ``make demo`` trained, else
   a day-0 random one), on ShareGPT ``--domain`` prompts (default code, the traffic that draft learned
   from; prompts its run served are left out). The controller times its own steps, so it prices each
   format's verify passes itself.
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--draft", default=None, help="EAGLE3 draft folder (default: the newest make-demo draft)")
     p.add_argument("--no-spec", action="store_true", help="leave out the speculation rows")
-    p.add_argument("--spec", default="adaptive-tree+copy",
+    p.add_argument("--spec", default="adaptive+copy",
                    help="how the +spec rows speculate: one bench_spec lookahead item (4, adaptive+copy, tree+copy, ...)")
     p.add_argument("--domain", default="code", choices=["code", "chat", "non_english", "all"],
                    help="ShareGPT domain of the prompts (the demo's draft learned from code)")

@@ -9,8 +9,10 @@ scored on the set's held-out traces by the accept length of the draft alone at l
 acceptance probability at the served distribution (what sampled serving gets in expectation).
 Learner updates per second are timed around ``Learner.update``.
 
-Arms: ``full`` (the aurora loss, all terms), ``no_pg``, ``no_accept`` (without the expected accept
-length), ``ntp_only``, ``ntp_rkl``, ``eagle3_kl``, ``osd``. Results append to ``<out>/runs.jsonl`` (one
+Arms: ``full`` (the aurora loss, all terms), ``no_pg`` (the shipped default: NTP + RKL + expected
+accept length), ``no_accept`` (without the expected accept length), ``ntp_only``, ``ntp_rkl`` (the
+default without the expected accept length), ``no_rkl`` (the default without RKL), ``eagle3_kl``,
+``osd``. The table gives each arm's difference to ``full`` and to the default, paired by seed. Results append to ``<out>/runs.jsonl`` (one
 line per set, arm and seed; finished ones are skipped, so the work can be done in chunks);
 ``--table`` prints the mean and spread over seeds.
 
@@ -49,9 +51,12 @@ ARMS = {
     "no_accept": ("aurora", {"accept_coef": 0.0}),
     "ntp_only": ("aurora", {"rkl_coef": 0.0, "accept_coef": 0.0, "pg_coef": 0.0}),
     "ntp_rkl": ("aurora", {"accept_coef": 0.0, "pg_coef": 0.0}),
+    "no_rkl": ("aurora", {"rkl_coef": 0.0, "pg_coef": 0.0}),
     "eagle3_kl": ("eagle3_kl", {}),
     "osd": ("osd", {}),
 }
+DEFAULT = "no_pg"
+"""The arm that is the shipped ``aurora`` default (``conf/algorithm/aurora.yaml``: PG off)."""
 FULL = {"ntp_coef": 1.0, "rkl_coef": 1.0, "accept_coef": 1.0, "pg_coef": 0.5}
 """What ``full`` means, written out so a later change of the defaults does not change the arm."""
 
@@ -123,24 +128,27 @@ def table(out: Path) -> str:
     base = [json.loads(line) for line in (out / "day0.jsonl").read_text().splitlines()] if (
         out / "day0.jsonl").is_file() else []
     lines = ["| set | arm | seeds | held-out accept length, mean ± sd | Δ vs full, mean ± sd (paired by seed) "
-             "| learner updates/s |", "|---|---|---:|---:|---:|---:|"]
+             f"| Δ vs {DEFAULT} (the default), paired | learner updates/s |", "|---|---|---:|---:|---:|---:|---:|"]
     for s in ("greedy", "sampled"):
         b0 = [b["accept_length"] for b in base if b["set"] == s]
         if b0:
             lines.append(f"| {s} | day-0 draft (no training) | - | {b0[0]:.3f} | | |")
-        full = {r["seed"]: r["accept_length"] for r in runs if r["set"] == s and r["arm"] == "full"}
+        ref = {name: {r["seed"]: r["accept_length"] for r in runs if r["set"] == s and r["arm"] == name}
+               for name in ("full", DEFAULT)}
         for arm in ARMS:
             rs = [r for r in runs if r["set"] == s and r["arm"] == arm]
             if not rs:
                 continue
             acc = [r["accept_length"] for r in rs]
-            diff = [r["accept_length"] - full[r["seed"]] for r in rs if r["seed"] in full]
             ups = [r["updates_per_s"] for r in rs]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            dsd = statistics.stdev(diff) if len(diff) > 1 else 0.0
-            dtxt = "" if arm == "full" else f"{statistics.mean(diff):+.3f} ± {dsd:.3f}"
-            lines.append(f"| {s} | {arm} | {len(rs)} | {statistics.mean(acc):.3f} ± {sd:.3f} | {dtxt} | "
-                         f"{statistics.mean(ups):.3f} |")
+            delta = []
+            for name in ("full", DEFAULT):
+                diff = [r["accept_length"] - ref[name][r["seed"]] for r in rs if r["seed"] in ref[name]]
+                dsd = statistics.stdev(diff) if len(diff) > 1 else 0.0
+                delta.append("" if arm == name or not diff else f"{statistics.mean(diff):+.3f} ± {dsd:.3f}")
+            lines.append(f"| {s} | {arm} | {len(rs)} | {statistics.mean(acc):.3f} ± {sd:.3f} | {delta[0]} | "
+                         f"{delta[1]} | {statistics.mean(ups):.3f} |")
     return "\n".join(lines) + "\n"
 
 

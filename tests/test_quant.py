@@ -170,8 +170,8 @@ def test_bench_quant_spec_item_is_checked():
 @pytest.mark.smoke
 def test_bench_quant_quick_prices_speculation_per_format(tmp_path, smollm2_dir):
     """One quick run on the shipped file (llama.cpp left out: the bench extra is not in the test set):
-    every format has a plain and a +spec row priced against its own plain row, with the tree budgets the
-    adaptive controller chose. (Greedy identity is not asserted: in bf16 a verify pass and a decode step
+    every format has a plain and a +spec row priced against its own plain row (the serving default,
+    adaptive + copy, with the step costs its controller measured). (Greedy identity is not asserted: in bf16 a verify pass and a decode step
     round differently; tests/test_token_tree.py checks it in float32.)"""
     import json
 
@@ -181,10 +181,10 @@ def test_bench_quant_quick_prices_speculation_per_format(tmp_path, smollm2_dir):
               "--out", str(tmp_path)])
     rows = {row["config"]: row for row in r["batches"][0]["rows"]}
     assert set(rows) == {"bfloat16", "bfloat16 +spec", "q8_0", "q8_0 +spec", "q4_1", "q4_1 +spec"}
-    assert r["spec"] == "adaptive-tree+copy" and r["domain"] == "code"
+    assert r["spec"] == "adaptive+copy" and r["domain"] == "code"
     for label in ("bfloat16", "q8_0", "q4_1"):
         spec = rows[label + " +spec"]
-        assert spec["spec_speedup"] > 0 and spec["accept_length"] >= 1.0
-        assert sum(spec["budget_histogram"].values()) > 0 and set(spec["budget_histogram"]) == {0, 4, 8, 12}
+        assert spec["spec_speedup"] > 0 and spec["accept_length"] >= 1.0 and spec["controller_costs_ms"][0] > 0
     assert rows["q4_1"]["vs_q4_1"] == 1.0
-    assert json.loads((tmp_path / "bench_quant.json").read_text())["spec"] == "adaptive-tree+copy"
+    assert json.loads((tmp_path / "bench_quant.json").read_text())["spec"] == "adaptive+copy"
+

@@ -39,7 +39,9 @@ def decode_trees(dec, engine, seqs: list[Sequence]) -> None:
     t0 = time.perf_counter()
     copies = dec._copies(seqs)
     budgets = dec._tree_budgets(engine, seqs)
-    drafting = [b for b, n in enumerate(budgets) if n > 0]
+    # A row whose copy chain fills its budget has no room for draft nodes: it skips the draft's expansion
+    # and is fed to the draft later, as a budget-0 row is (a copy costs no draft pass, as in a chain step).
+    drafting = [b for b, n in enumerate(budgets) if n > min(len(copies[b]), seqs[b].room(engine.config.max_len))]
     dec._catch_up([seqs[b] for b in drafting if seqs[b].slot in dec._pending])
     states = {b: (dec._state[seqs[b].slot].logits, dec._state[seqs[b].slot].hidden) for b in drafting}
     calls = dec.tree_proposer.draft_calls
