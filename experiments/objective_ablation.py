@@ -12,7 +12,9 @@ Learner updates per second are timed around ``Learner.update``.
 Arms: ``full`` (the aurora loss, all terms), ``no_pg`` (the shipped default: NTP + RKL + expected
 accept length), ``no_accept`` (without the expected accept length), ``ntp_only``, ``ntp_rkl`` (the
 default without the expected accept length), ``no_rkl`` (the default without RKL), ``eagle3_kl``,
-``osd``. The table gives each arm's difference to ``full`` and to the default, paired by seed. Results append to ``<out>/runs.jsonl`` (one
+``osd``, and ``full_all_logs`` (``full`` with no logged step ever too stale: offline the logs are
+never refreshed, so with the default ``max_lag`` the policy gradient sees them only in the first
+updates). The table gives each arm's difference to ``full`` and to the default, paired by seed. Results append to ``<out>/runs.jsonl`` (one
 line per set, arm and seed; finished ones are skipped, so the work can be done in chunks);
 ``--table`` prints the mean and spread over seeds.
 
@@ -52,6 +54,7 @@ ARMS = {
     "ntp_only": ("aurora", {"rkl_coef": 0.0, "accept_coef": 0.0, "pg_coef": 0.0}),
     "ntp_rkl": ("aurora", {"accept_coef": 0.0, "pg_coef": 0.0}),
     "no_rkl": ("aurora", {"rkl_coef": 0.0, "pg_coef": 0.0}),
+    "full_all_logs": ("aurora", {"max_lag": 10_000}),
     "eagle3_kl": ("eagle3_kl", {}),
     "osd": ("osd", {}),
 }

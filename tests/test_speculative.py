@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
+from aurora_rl.engine.chain_proposer import ChainProposer
 from aurora_rl.engine.spec_math import greedy_verify_batch, rejection_verify
 from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
 from aurora_rl.models.draft import DraftConfig, Eagle3Draft, select_draft_vocab, token_frequencies
@@ -74,22 +75,31 @@ def test_greedy_speculation_is_token_identical(family):
     assert [o.output_ids for o in outs] == [o.output_ids for o in base]
 
 
-class OracleDecoder(SpecDecoder):
+class OracleProposer(ChainProposer):
     """Proposes the true greedy continuation, corrupted at chosen depths: exercises accept + rollback
     with real acceptances, which a random draft never produces."""
 
-    def __init__(self, *a, truth, corrupt_every=3, **kw):
-        super().__init__(*a, **kw)
-        self.truth, self.corrupt_every, self.calls = truth, corrupt_every, 0
+    truth: dict[tuple[int, ...], list[int]] = {}
+    corrupt_every, calls = 3, 0
 
-    def _propose(self, seqs, ks):
-        props, logps, qs = super()._propose(seqs, ks)
+    def propose(self, seqs, ks):
+        chains = super().propose(seqs, ks)
         for b, seq in enumerate(seqs):
             true = self.truth[tuple(seq.prompt_ids)][len(seq.output_ids):][: ks[b]]
             self.calls += 1
             bad = self.calls % self.corrupt_every
-            props[b] = [t if j != bad else (t + 1) % 128 for j, t in enumerate(true)]
-        return props, logps, qs
+            chains.proposals[b] = [t if j != bad else (t + 1) % 128 for j, t in enumerate(true)]
+        return chains
+
+
+class OracleDecoder(SpecDecoder):
+    """A decoder whose chains come from ``OracleProposer``."""
+
+    proposer_type = OracleProposer
+
+    def __init__(self, *a, truth, corrupt_every=3, **kw):
+        super().__init__(*a, **kw)
+        self.proposer.truth, self.proposer.corrupt_every = truth, corrupt_every
 
 
 @pytest.mark.unit
@@ -114,12 +124,16 @@ def test_accepted_tokens_and_rollback_keep_outputs_identical():
     assert dec.cache.lengths.sum() == 0  # every slot released
 
 
-class EagerDecoder(SpecDecoder):
+class EagerProposer(ChainProposer):
     """Feeds kept positions to the draft at once (no queue): the reference for lazy feeding."""
 
-    def _defer(self, slot, start, tokens, taps):
-        super()._defer(slot, start, tokens, taps)
-        self._catch_up([SimpleNamespace(slot=slot)])
+    def defer(self, slot, start, tokens, taps):
+        super().defer(slot, start, tokens, taps)
+        self.catch_up([SimpleNamespace(slot=slot)])
+
+
+class EagerDecoder(SpecDecoder):
+    proposer_type = EagerProposer
 
 
 @pytest.mark.unit
@@ -168,7 +182,7 @@ def test_lazy_draft_feeding_proposes_what_eager_feeding_proposes():
         assert a.proposals.tolist() == b.proposals.tolist() and a.proposals.gt(0).any()
         torch.testing.assert_close(a.behaviour_logp, b.behaviour_logp, atol=1e-4, rtol=1e-4)
     assert lazy.draft_calls < eager.draft_calls
-    assert not lazy._pending and lazy.cache.lengths.sum() == 0
+    assert not lazy.proposer.pending and lazy.cache.lengths.sum() == 0
 
     plain = SpecDecoder(make_draft(model), 3, 64, SpecConfig(lookahead=0))
     outs = LLMEngine(model, EngineConfig(num_slots=3, max_len=64), decoder=plain).generate(ps, sp)

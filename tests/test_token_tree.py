@@ -8,6 +8,7 @@ import torch
 
 from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
 from aurora_rl.engine.adaptive_tree import AdaptiveTreeBudget, TreeBudgetConfig, quarter_budgets
+from aurora_rl.engine.chain_proposer import ChainProposer
 from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
 from aurora_rl.engine.token_tree import (COPY, TokenTree, ancestor_bits, greedy_tree_verify, rejection_tree_verify,
                                          select_nodes)
@@ -143,7 +144,7 @@ def test_greedy_tree_speculation_is_token_identical(family):
         engine, dec = tree_engine(model, draft, topk, budget, copy=copy)
         outs = engine.generate(ps, sp)
         assert [o.output_ids for o in outs] == [o.output_ids for o in base], (topk, budget, copy)
-        assert dec.cache.lengths.sum() == 0 and not dec._pending
+        assert dec.cache.lengths.sum() == 0 and not dec.proposer.pending
     assert sum(o.accepted_tokens for o in outs) == 0  # budget 0: plain decoding through the tree path
     mixed = [SamplingParams(max_tokens=24, ignore_eos=True, lookahead=i % 2) for i in range(7)]
     outs = tree_engine(model, draft, 3, 6)[0].generate(ps, mixed)  # trees of different sizes in one pass
@@ -173,16 +174,14 @@ def test_tree_traces_record_every_branch_and_the_path():
             assert t.tree_logp[lo:hi].le(0).all()
 
 
-class OracleCopyDecoder(SpecDecoder):
+class OracleCopyProposer(ChainProposer):
     """Its copy branch is the target's argmax after the row's committed tokens (a fresh target pass): a
     deterministic function of the context, so verification stays lossless, that the target often
     accepts, beside the draft's own top-k branches."""
 
-    def __init__(self, *a, target, **kw):
-        super().__init__(*a, **kw)
-        self.target, self.scratch = target, target.new_cache(1, 32)
+    target = scratch = None
 
-    def _copies(self, seqs):
+    def copies(self, seqs):
         out = []
         for s in seqs:
             ids = s.prompt_ids + s.output_ids
@@ -190,6 +189,16 @@ class OracleCopyDecoder(SpecDecoder):
                                  torch.tensor([0]), logit_index=torch.tensor([len(ids) - 1]), with_taps=False).logits
             out.append([int(logits[0].argmax())])
         return out
+
+
+class OracleCopyDecoder(SpecDecoder):
+    """A tree decoder whose copy branch comes from ``OracleCopyProposer``."""
+
+    proposer_type = OracleCopyProposer
+
+    def __init__(self, *a, target, **kw):
+        super().__init__(*a, **kw)
+        self.proposer.target, self.proposer.scratch = target, target.new_cache(1, 32)
 
 
 def chi_square_same_law(a: list[int], b: list[int], min_count: int = 10) -> tuple[float, float]:
@@ -319,3 +328,24 @@ def test_tree_traces_survive_save_and_load(tmp_path):
     for a, b in zip(traces, back):
         for name in ("tree_offsets", "tree_tokens", "tree_parents", "tree_logp", "tree_copied", "tree_accepted"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.unit
+def test_a_reference_swap_expands_trees_with_the_new_draft():
+    """``swap_draft`` (the hot swap's reference swap) serves the new draft in the tree proposer too: trees
+    and the fed draft come from one version (the tree proposer kept the old draft before)."""
+    model, _ = tiny_target()
+    old, new = make_draft(model), make_draft(model)
+    with torch.no_grad():
+        for p in new.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    engine, dec = tree_engine(model, old, 3, 6)
+    assert dec.swap_draft(new, 7) is old
+    assert dec.tree_proposer.draft is new and dec.draft is new and dec.policy_version == 7
+    ps = prompts(3)
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    swapped = [o.draft_tokens for o in engine.generate(ps, sp)], [o.accepted_tokens for o in engine.generate(ps, sp)]
+    fresh_engine, _ = tree_engine(model, new, 3, 6)
+    fresh = [o.draft_tokens for o in fresh_engine.generate(ps, sp)], [o.accepted_tokens for o in fresh_engine.generate(ps, sp)]
+    assert swapped == fresh  # the same proposals as an engine built on the new draft

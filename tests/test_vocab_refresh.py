@@ -96,7 +96,7 @@ def test_without_refresh_the_vocabulary_maps_are_not_published(served):
 
 
 def _slot_logits(decoder):
-    return {slot: st.logits.clone() for slot, st in decoder._state.items()}
+    return {slot: st.logits.clone() for slot, st in decoder.proposer.state.items()}
 
 
 @pytest.mark.unit
@@ -109,7 +109,7 @@ def test_hot_swap_of_a_new_vocabulary_moves_held_logits_to_the_new_rows():
     for p in prompts(2, 0):
         engine.add_request(p, SamplingParams(max_tokens=30, ignore_eos=True))
     decoder = engine.decoder
-    while not decoder._state:
+    while not decoder.proposer.state:
         engine.step()
     before = _slot_logits(decoder)
     old_ids = decoder.draft.draft_to_target.clone()
@@ -130,7 +130,7 @@ def test_hot_swap_of_a_new_vocabulary_moves_held_logits_to_the_new_rows():
     disjoint = make_draft(model, seed=2)
     disjoint.set_vocab(torch.tensor(outside[: disjoint.config.draft_vocab_size]))
     decoder.load_draft_state({"d2t": disjoint.d2t.clone(), "t2d": disjoint.t2d.clone()}, version=8)
-    assert decoder._state and all(bool((st.logits == 0).all()) for st in decoder._state.values())
+    assert decoder.proposer.state and all(bool((st.logits == 0).all()) for st in decoder.proposer.state.values())
     while engine.has_work():  # serving goes on under the new vocabulary
         engine.step()
     with pytest.raises(KeyError, match="bogus"):

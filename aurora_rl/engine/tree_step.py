@@ -4,8 +4,8 @@ Per running row: the tree proposer (``aurora_rl.engine.tree_proposer``) builds a
 node budget (0: the root alone, a plain decoding row); ``ModelRunner.extend_tree`` runs every node of
 every row in one target pass; the accept rule of ``aurora_rl.engine.token_tree`` picks a root path and
 the next token; ``ModelRunner.keep_path`` moves the path's cache entries into place. The draft is then
-fed the kept positions exactly as after a chain step (``SpecDecoder._draft_extend``), lazily for rows
-that did not draft.
+fed the kept positions exactly as after a chain step (``ChainProposer.extend``), lazily for rows that
+did not draft.
 
 The trace records the whole tree (every node's token, parent, behaviour log-prob and source) and the
 accepted path, beside the chain columns older learners read: the chain of a tree step is its
@@ -37,17 +37,16 @@ def chain_of(tree: TokenTree, path: list[int]) -> list[int]:
 def decode_trees(dec, engine, seqs: list[Sequence]) -> None:
     """``SpecDecoder.decode`` when the decoder proposes trees (``SpecConfig.tree_topk`` > 0)."""
     t0 = time.perf_counter()
-    copies = dec._copies(seqs)
+    proposer = dec.proposer
+    copies = proposer.copies(seqs)
     budgets = dec._tree_budgets(engine, seqs)
     # A row whose copy chain fills its budget has no room for draft nodes: it skips the draft's expansion
     # and is fed to the draft later, as a budget-0 row is (a copy costs no draft pass, as in a chain step).
     drafting = [b for b, n in enumerate(budgets) if n > min(len(copies[b]), seqs[b].room(engine.config.max_len))]
-    dec._catch_up([seqs[b] for b in drafting if seqs[b].slot in dec._pending])
-    states = {b: (dec._state[seqs[b].slot].logits, dec._state[seqs[b].slot].hidden) for b in drafting}
-    calls = dec.tree_proposer.draft_calls
+    proposer.catch_up([seqs[b] for b in drafting])
+    states = {b: (proposer.state[seqs[b].slot].logits, proposer.state[seqs[b].slot].hidden) for b in drafting}
     trees = dec.tree_proposer.propose(seqs, budgets, [c if n > 0 else [] for c, n in zip(copies, budgets)],
-                                      states, dec._draft_probs, [s.room(engine.config.max_len) for s in seqs])
-    dec.draft_calls += dec.tree_proposer.draft_calls - calls
+                                      states, proposer.draft_probs, [s.room(engine.config.max_len) for s in seqs])
     starts = [int(engine.runner.lengths[s.slot]) for s in seqs]
     out = engine.runner.extend_tree([s.slot for s in seqs], trees)
     verdicts = verify_trees(seqs, trees, out.logits)
@@ -56,13 +55,8 @@ def decode_trees(dec, engine, seqs: list[Sequence]) -> None:
         engine.runner.keep_path(seq.slot, v.path)
         new_tokens.append([tree.tokens[i] for i in v.path] + [v.next_token])
         kept_taps.append(out.taps[b, [0] + v.path])
-    fed = set(drafting)
-    for b in (b for b in range(len(seqs)) if b not in fed):
-        dec._defer(seqs[b].slot, starts[b], new_tokens[b], kept_taps[b])
-    if fed:
-        rows = sorted(fed)
-        dec._draft_extend([seqs[b] for b in rows], [new_tokens[b] for b in rows], [kept_taps[b] for b in rows],
-                          [starts[b] for b in rows])
+    drafted = set(drafting)
+    dec._feed_draft(seqs, [b in drafted for b in range(len(seqs))], starts, new_tokens, kept_taps)
     dt = time.perf_counter() - t0
     _record(dec, seqs, trees, verdicts, out, starts, dt)
     for seq, toks in zip(seqs, new_tokens):
@@ -83,13 +77,5 @@ def _record(dec, seqs, trees, verdicts, out, starts, dt: float) -> None:
             dec.copy_steps += 1
             dec.copy_proposed += len(chain)
             dec.copy_accepted += v.accepted
-        rec = dec._recorders.get(seq.request_id)
-        if rec is not None:
-            keep = [0] + v.path
-            rec.add_positions(out.taps[b, keep], out.hidden[b, keep],
-                              None if out.logits is None else out.logits[b, keep])
-            # A greedy request's nodes are picked, not drawn: the chain columns log the point mass (0),
-            # as the chain path does; tree_logp keeps the draft's scores the tree was ranked by.
-            logp = [0.0] * len(chain) if seq.params.greedy else [tree.logp[i] for i in chain]
-            rec.add_step(starts[b] - 1, [tree.tokens[i] for i in chain], logp, v.accepted,
-                         dec.policy_version, dt, copied=bool(copied[b]), tree=tree, path=v.path)
+        dec.traces.tree_step(seq, out, b, starts[b], tree, v.path, chain, v.accepted, dec.policy_version, dt,
+                             copied=bool(copied[b]))
