@@ -4,8 +4,8 @@ speculation speedup per format, and each format's perplexity on held-out ShareGP
 - Formats: ``bfloat16`` (the GGUF's values in float, as ``model.quant=none`` serves them), ``q8_0``
   (the q4_1 values requantized), ``q4_1`` (the shipped file's blocks as stored, ``model.quant=auto``).
 - Peer: llama.cpp through ``llama-cpp-python`` (the ``bench`` extra) on the same file, same prompt token
-  ids, greedy, EOS ignored, ``--threads`` threads; batch 1 only (its Python API serves one sequence).
-  Without the package the peer column is left out, and said so.
+  ids, greedy, EOS ignored, ``--threads`` threads, at every batch size: a wave is one llama.cpp batch of
+  sequences (``bench_llamacpp``). Without the package the peer rows are left out, and said so.
 - Every configuration serves the same waves of prompts, ABBA-interleaved (``bench_spec.run_cells``); the
   ratios are medians over waves of paired ratios of mean tokens/s, so a shared machine's slow spells hit
   all alike. "decode" rates count the tokens after the first over the time after it.
@@ -30,88 +30,17 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from aurora_rl.bench_llamacpp import LlamaCppCell, LlamaCppModel
 from aurora_rl.bench_spec import Cell, paired_speedup, parse_lookaheads, run_cells, trained_prompts
 
 log = logging.getLogger(__name__)
 
 FORMATS = {"bfloat16": "none", "q8_0": "q8_0", "q4_1": "auto"}
 """Row label -> ``model.quant`` on the shipped GGUF."""
-
-
-@dataclass
-class PeerOutput:
-    output_ids: list[int]
-    tokens_per_s: float
-    decode_tokens_per_s: float
-    ttft_s: float
-    num_output_tokens: int
-    accept_length: float = 1.0
-    draft_tokens: int = 0
-    verify_steps: int = 0
-
-
-class LlamaCppCell:
-    """llama.cpp on the same file, served like a ``bench_spec.Cell`` (one request at a time)."""
-
-    def __init__(self, gguf: Path, threads: int) -> None:
-        import llama_cpp
-        import llama_cpp.llama_cpp as capi
-
-        default_params = capi.llama_model_default_params
-        self.extra_bufts = "amx_int8" not in _cpu_flags()
-        if not self.extra_bufts:
-            # The AMX buffer type crashed on this Q4_1 file on an AMX Xeon (NOTES.md), and llama-cpp-python
-            # 0.3.36 has no argument for it: the model parameters it starts from get the switch.
-            def params():
-                p = default_params()
-                p.use_extra_bufts = False
-                return p
-            capi.llama_model_default_params = params
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
-                                       n_batch=512, verbose=False)
-        finally:
-            capi.llama_model_default_params = default_params
-        self.batch, self.lookahead, self.decoder, self.controller = 1, "llama.cpp", None, None
-        self.outs: list[PeerOutput] = []
-        self.wave_means: list[float] = []
-        self.wave_decode_means: list[float] = []
-        self.wall = 0.0
-
-    def generate_one(self, prompt: list[int], max_tokens: int) -> PeerOutput:
-        self.llm.reset()
-        t0 = time.perf_counter()
-        ids, t_first = [], None
-        for tok in self.llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            ids.append(int(tok))
-            if t_first is None:
-                t_first = time.perf_counter()
-            if len(ids) == max_tokens:
-                break
-        t_end = time.perf_counter()
-        decode = (len(ids) - 1) / (t_end - t_first) if len(ids) > 1 and t_end > t_first else 0.0
-        return PeerOutput(ids, len(ids) / (t_end - t0), decode, t_first - t0, len(ids))
-
-    def serve(self, prompts: list[list[int]], max_tokens: int, record: bool = True) -> None:
-        t0 = time.perf_counter()
-        outs = [self.generate_one(p, max_tokens) for p in prompts]
-        if not record:
-            return
-        self.wall += time.perf_counter() - t0
-        self.outs += outs
-        self.wave_means.append(statistics.mean(o.tokens_per_s for o in outs))
-        self.wave_decode_means.append(statistics.mean(o.decode_tokens_per_s for o in outs))
-
-
-def _cpu_flags() -> set[str]:
-    from aurora_rl.models.dtypes import cpu_flags
-
-    return cpu_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
 
 
 def load_models(gguf: Path) -> dict:
@@ -177,16 +106,20 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def run_batch(models: dict, tokenizer, draft, prompts: list, batch: int, args, peer: LlamaCppCell | None) -> dict:
+def run_batch(models: dict, tokenizer, draft, prompts: list, batch: int, args, peer: LlamaCppModel | None) -> dict:
     cells = {}
     for label, model in models.items():
         cells[label] = Cell(model, tokenizer, draft, batch, None)
         if not args.no_spec:
             cells[label + " +spec"] = Cell(model, tokenizer, draft, batch, args.spec, max_lookahead=5,
                                            tree={"topk": 4, "budget": 12, "depth": 5, "budgets": [0, 4, 8, 12]})
-    if peer is not None and batch == 1:
-        cells["llama.cpp q4_1"] = peer
-    run_cells(list(cells.values()), prompts, args.max_tokens, args.repeats)
+    if peer is not None:
+        cells["llama.cpp q4_1"] = LlamaCppCell(peer, batch, flash_attn=args.llama_flash_attn)
+    try:
+        run_cells(list(cells.values()), prompts, args.max_tokens, args.repeats)
+    finally:
+        if peer is not None:
+            cells["llama.cpp q4_1"].close()
     base = cells["q4_1"]
     rows = []
     for name, cell in cells.items():
@@ -207,7 +140,7 @@ def run_batch(models: dict, tokenizer, draft, prompts: list, batch: int, args, p
             if hasattr(cell.controller, "chosen"):  # AdaptiveTreeBudget: the budgets it chose
                 row["budget_histogram"] = {n: cell.controller.chosen.count(n) for n in cell.controller.budgets}
             row["greedy_identical_to_plain"] = sum(a.output_ids == b.output_ids for a, b in zip(outs, plain.outs))
-        if peer is not None and batch == 1 and name in ("q4_1", "llama.cpp q4_1"):
+        if peer is not None and name in ("q4_1", "llama.cpp q4_1"):
             other = cells["llama.cpp q4_1" if name == "q4_1" else "q4_1"]
             row["same_tokens_as_other_q4_1"] = [first_difference(a.output_ids, b.output_ids)
                                                 for a, b in zip(outs, other.outs)]
@@ -242,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--domain", default="code", choices=["code", "chat", "non_english", "all"],
                    help="ShareGPT domain of the prompts (the demo's draft learned from code)")
     p.add_argument("--no-peer", action="store_true", help="leave out llama.cpp")
+    p.add_argument("--llama-flash-attn", action="store_true",
+                   help="llama.cpp with flash attention (faster; its greedy tokens then move with the batch size)")
     p.add_argument("--ppl-texts", type=int, default=24)
     p.add_argument("--ppl-tokens", type=int, default=256)
     p.add_argument("--sections", default="speed,ppl", help="comma list of speed, ppl")
@@ -279,13 +214,15 @@ def main(argv: list[str] | None = None) -> dict:
         peer = None
         if not args.no_peer:
             try:
-                peer = LlamaCppCell(gguf, args.threads)
+                peer = LlamaCppModel(gguf, args.threads)
             except ImportError:
                 print("llama-cpp-python is not installed (pip install '.[bench]'): no llama.cpp column")
         draft = load_draft(draft_path, models["q4_1"], vocab_sample)
         result["draft"] = draft_path or "day-0 random"
         for b in (int(x) for x in args.batch_sizes.split(",")):
             result["batches"].append(run_batch(models, tokenizer, draft, prompts, b, args, peer))
+        if peer is not None:
+            peer.close()
         print(f"{cpu}, {args.threads} threads, kernels: {quant.body()}; {len(prompts)} ShareGPT {args.domain} prompts "
               f"({len(seen)} the draft's run served left out), {args.max_tokens} greedy tokens, draft {result['draft']}, "
               f"+spec = {args.spec}")
@@ -298,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"batch {b['batch']} {r['config']}: {chose}; "
                           f"greedy outputs identical to plain: {r['greedy_identical_to_plain']}/{r['requests']}")
                 if "same_tokens_as_other_q4_1" in r and r["config"] == "q4_1":
-                    print(f"ours q4_1 vs llama.cpp q4_1: first differing token per request {r['same_tokens_as_other_q4_1']}")
+                    print(f"batch {b['batch']} ours q4_1 vs llama.cpp q4_1: first differing token per request "
+                          f"{r['same_tokens_as_other_q4_1']}")
     if "ppl" in sections:
         result["perplexity"] = {label: perplexity(m, tokenizer, texts, args.ppl_tokens) for label, m in models.items()}
         print(f"perplexity, {len(texts)} held-out ShareGPT texts x {args.ppl_tokens} tokens: "
