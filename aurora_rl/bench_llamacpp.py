@@ -20,12 +20,13 @@
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from aurora_rl.bench_spec import record_wave
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,4 @@ class LlamaCppCell:
         outs = self.generate(prompts, max_tokens)
         if not record:
             return
-        self.wall += time.perf_counter() - t0
-        self.outs += outs
-        self.wave_means.append(statistics.mean(o.tokens_per_s for o in outs))
-        self.wave_decode_means.append(statistics.mean(o.decode_tokens_per_s for o in outs))
+        record_wave(self, outs, time.perf_counter() - t0)

@@ -88,10 +88,7 @@ class Cell:
         outs = self.engine.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         if not record:
             return
-        self.wall += time.perf_counter() - t0
-        self.outs += outs
-        self.wave_means.append(statistics.mean(o.tokens_per_s for o in outs))
-        self.wave_decode_means.append(statistics.mean(o.decode_tokens_per_s for o in outs))
+        record_wave(self, outs, time.perf_counter() - t0)
 
     def row(self) -> dict:
         outs, tps = self.outs, [o.tokens_per_s for o in self.outs]
@@ -111,6 +108,14 @@ class Cell:
                 "copy_accepted": getattr(self.decoder, "copy_accepted", 0),
                 "copy_proposed": getattr(self.decoder, "copy_proposed", 0),
                 "outputs": [o.output_ids for o in outs]}
+
+
+def record_wave(cell, outs: list, seconds: float) -> None:
+    """Add one served wave to a cell's figures (``Cell`` and the benchmark peers share them)."""
+    cell.wall += seconds
+    cell.outs += outs
+    cell.wave_means.append(statistics.mean(o.tokens_per_s for o in outs))
+    cell.wave_decode_means.append(statistics.mean(o.decode_tokens_per_s for o in outs))
 
 
 def run_cells(cells: list[Cell], prompts: list[list[int]], max_tokens: int, repeats: int,
