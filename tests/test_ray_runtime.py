@@ -120,8 +120,11 @@ def test_killed_learner_resumes_from_checkpoint_with_increasing_version(local_ra
     assert info["policy_version"] >= before - 1  # the checkpoint may lag the last update by one
     ray.get(learner.start.remote())
     worker.submit.remote([(f"s{i}", ids, traffic.params(cfg.workload, i)) for i, (ids, _) in enumerate(traffic.requests[40:80])])
-    wait_for(lambda: ray.get(learner.info.remote())["policy_version"] > max(before, info["policy_version"]), timeout=300)
-    assert ray.get(actors["store"].stats.remote())["weights/version"] > before
+    # The learner counts a version up inside its update and publishes it just after: wait on the store,
+    # which is what the serving side reads.
+    wait_for(lambda: ray.get(actors["store"].stats.remote())["weights/version"] > max(before, info["policy_version"]),
+             timeout=300)
+    assert ray.get(learner.info.remote())["policy_version"] > before
 
 
 def test_non_finite_weights_are_never_published(local_ray, tmp_path, actors_of):
