@@ -266,6 +266,36 @@ def test_adaptive_tree_budget_chooses_by_measured_tokens_per_second():
 
 
 @pytest.mark.unit
+def test_adaptive_tree_budget_stops_exploring_a_budget_shown_not_to_pay():
+    """With eps = 0.5, a budget that accepts little and costs 1.5 plain steps is explored while its
+    optimistic bound could still pay, then no more; a budget that pays keeps being visited from below;
+    a hot swap (forget) widens the bound and exploration resumes."""
+    ctl = AdaptiveTreeBudget([4], TreeBudgetConfig(probe_steps=1, epsilon=0.5, seed=3))
+    step = {0: (1.0, 0), 4: (1.5, 1)}  # budget 4: 1 token accepted in 4 row-steps, at 1.5x the cost
+
+    def run(steps):
+        counts = {0: 0, 4: 0}
+        for i in range(steps):
+            n = ctl.choose(4)
+            cost, _ = step[n]
+            acc = [1, 0, 0, 0] if n else [0, 0, 0, 0]  # accepted tokens of the 4 rows
+            ctl.observe(4, n, cost, sum(acc), 4, sum(a * a for a in acc))
+            counts[n] += 1
+        return counts
+
+    first = run(40)
+    assert first[4] >= 2  # the probe and at least one exploration step
+    assert ctl.optimistic_tokens(4) / 1.5 < 1.0  # the bound now says budget 4 cannot pay ...
+    assert run(200)[4] == 0  # ... so it is never tried again
+    ctl.forget(0.9)
+    assert ctl.optimistic_tokens(4) / 1.5 > 1.0 and run(40)[4] >= 1  # a new draft: worth a look again
+    good = AdaptiveTreeBudget([4, 8], TreeBudgetConfig(probe_steps=1, epsilon=0.5, seed=3))
+    for n, (cost, acc) in {0: (1.0, 0), 4: (1.2, 8), 8: (2.0, 9)}.items():
+        good.observe(4, n, cost, acc, 4)
+    assert good.choose(4) in (0, 4) and sum(good.choose(4) == 0 for _ in range(100)) > 10  # smaller: always allowed
+
+
+@pytest.mark.unit
 def test_adaptive_tree_budget_in_the_engine_keeps_outputs_identical():
     model, _ = tiny_target()
     ps = prompts(5)
