@@ -315,3 +315,32 @@ def test_copy_lookahead_is_explored_past_a_pessimistic_cost_prior():
     assert set(run(0.0)) == {0}
     explored = run(0.1)
     assert explored[-50:].count(4) >= 45
+
+
+@pytest.mark.unit
+def test_a_step_is_charged_the_draft_catch_up_it_triggers():
+    """The first drafting step after k = 0 steps feeds their queued positions to the draft: that is part
+    of what drafting costs when the controller switches, so its cost cell holds it (as the tree
+    controller's does). A fake decoder and clock: the step takes 1.0 s, of which 0.6 s is catch-up."""
+    import torch
+    from types import SimpleNamespace
+
+    class Fake:
+        def __init__(self):
+            self.depth_proposed, self.depth_accepted = [0], [0]
+            self.copy_depth_proposed, self.copy_depth_accepted = [0], [0]
+            self.catch_up_s, self.policy_version, self.lookahead_fn = 0.0, 0, None
+            self.draft = torch.nn.Linear(1, 1)
+
+        def decode(self, engine, seqs):
+            self.depth_proposed[0] += 1
+            self.catch_up_s += 0.6
+
+    times = iter([0.0, 1.0])
+    dec = Fake()
+    ctrl = AdaptiveLookahead(1, clock=lambda: next(times)).attach(dec)
+    seqs = [SimpleNamespace(params=SimpleNamespace(lookahead=None), slot=0)]
+    assert ctrl(seqs, [False]) == [1]  # a cold controller's one-row probe
+    dec.decode(SimpleNamespace(), seqs)
+    (cells,) = ctrl._cost.values()
+    assert cells == {1: [pytest.approx(1.0), 1]}  # the old rule charged 0.4
