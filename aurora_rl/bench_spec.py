@@ -151,10 +151,10 @@ def parse_lookaheads(text: str) -> list[int | str]:
         base = item.removesuffix(COPY)
         if base in (ADAPTIVE, TREE, ADAPTIVE_TREE):
             out.append(item)
-        elif base.isdigit() and int(base) > 0:
+        elif base.isdigit():  # 0: the speculative path that never proposes (what its fixed work costs)
             out.append(int(item) if base == item else item)
         else:
-            raise ValueError(f"--lookaheads item {item!r}: use positive integers, 'adaptive', '{TREE}' and/or "
+            raise ValueError(f"--lookaheads item {item!r}: use integers >= 0, 'adaptive', '{TREE}' and/or "
                              f"'{ADAPTIVE_TREE}', each optionally followed by '{COPY}'")
     return out
 

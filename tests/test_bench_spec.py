@@ -18,8 +18,9 @@ def test_lookahead_list_is_checked():
     assert parse_lookaheads("4+copy,adaptive+copy") == ["4+copy", "adaptive+copy"]
     with pytest.raises(ValueError, match="'fast'"):
         parse_lookaheads("3,fast")
-    with pytest.raises(ValueError, match="'0\\+copy'"):
-        parse_lookaheads("0+copy")
+    assert parse_lookaheads("0,0+copy") == [0, "0+copy"]  # the speculative path at k = 0: its fixed cost
+    with pytest.raises(ValueError, match="'-1\\+copy'"):
+        parse_lookaheads("-1+copy")
 
 
 @pytest.mark.unit
