@@ -174,6 +174,28 @@ def test_tree_traces_record_every_branch_and_the_path():
             assert t.tree_logp[lo:hi].le(0).all()
 
 
+@pytest.mark.unit
+def test_a_step_where_no_row_proposes_runs_no_tree_pass_and_still_records_its_tree():
+    """Budget 0 for every row is a plain step (``SpecDecoder.plain_step``): no draft, no tree pass, the
+    tokens of plain decoding (sampled ones too: the same generator draws), and one root-only tree per
+    step in the trace, so a trace's steps and trees stay aligned."""
+    model, _ = tiny_target()
+    ps = prompts(3)
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.8, seed=5)
+    base = LLMEngine(model, EngineConfig(num_slots=3, max_len=64)).generate(ps, sp)
+    traces = []
+    engine, dec = tree_engine(model, make_draft(model, vocab=128), 4, 0, sink=traces.append, copy=True)
+    calls = []
+    inner = engine.runner.extend_tree
+    engine.runner.extend_tree = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    outs = engine.generate(ps, sp)
+    assert [o.output_ids for o in outs] == [o.output_ids for o in base]
+    assert calls == [] and dec.draft_calls == 0
+    for o, t in zip(outs, traces_by_id(traces, outs)):
+        assert t.verify_steps == o.num_output_tokens - 1 and t.tree_offsets.shape == (t.verify_steps + 1,)
+        assert (t.tree_offsets.diff() == 1).all() and (t.tree_parents == -1).all()
+
+
 class OracleCopyProposer(ChainProposer):
     """Its copy branch is the target's argmax after the row's committed tokens (a fresh target pass): a
     deterministic function of the context, so verification stays lossless, that the target often

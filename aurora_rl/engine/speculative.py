@@ -25,7 +25,7 @@ from aurora_rl.engine.chain_proposer import ChainProposer
 from aurora_rl.engine.sampling import sample_tokens
 from aurora_rl.engine.sequence import Sequence
 from aurora_rl.engine.spec_math import Verdict
-from aurora_rl.engine.token_tree import MAX_TREE_NODES
+from aurora_rl.engine.token_tree import MAX_TREE_NODES, TokenTree
 from aurora_rl.engine.trace import Trace
 from aurora_rl.engine.trace_capture import TraceCapture
 from aurora_rl.engine.tree_proposer import TreeProposer
@@ -174,6 +174,8 @@ class SpecDecoder:
         t0 = time.perf_counter()
         cands = self.proposer.copies(seqs)
         ks = self._lookaheads(engine, seqs, [bool(c) for c in cands])
+        if not any(ks):
+            return self.plain_step(engine, seqs, t0)
         copies = [c[:k] for c, k in zip(cands, ks)]
         drafted = [k if not c else 0 for k, c in zip(ks, copies)]
         self.proposer.catch_up([s for s, k in zip(seqs, drafted) if k > 0])
@@ -205,6 +207,25 @@ class SpecDecoder:
             self.traces.chain_step(seq, out, b, starts[b], props[b], logps[b], v.accepted, self.policy_version, dt,
                                    copied=bool(copies[b]))
             engine.append_tokens(seq, new_tokens[b])
+
+    def plain_step(self, engine, seqs: list[Sequence], t0: float) -> None:
+        """A step in which no row proposes (k = 0, or tree budget 0, for every row): one target token per
+        row as ``PlainDecoder`` makes it, plus only what the learner and a later drafting step need (the
+        kept position's taps queued for the draft, the trace row; a tree decoder's trace gets the step's
+        root-only tree, one tree per step as its other steps have). No verify bookkeeping, no tree pass."""
+        starts = [int(engine.runner.lengths[s.slot]) for s in seqs]
+        out = engine.runner.extend([s.slot for s in seqs], [[s.last_token] for s in seqs], with_taps=True)
+        tokens = sample_tokens(out.logits[:, 0], [s.params for s in seqs], [s.generator for s in seqs])
+        dt = time.perf_counter() - t0
+        for b, (seq, tok) in enumerate(zip(seqs, tokens)):
+            self.proposer.defer(seq.slot, starts[b], [tok], out.taps[b])
+            seq.verify_steps += 1
+            if self.tree_proposer is None:
+                self.traces.chain_step(seq, out, b, starts[b], [], [], 0, self.policy_version, dt, copied=False)
+            else:
+                self.traces.tree_step(seq, out, b, starts[b], TokenTree.rooted(seq.last_token), [], [], 0,
+                                      self.policy_version, dt, copied=False)
+            engine.append_tokens(seq, [tok])
 
     def release(self, engine, seq: Sequence) -> None:
         self.proposer.release(seq.slot)

@@ -40,6 +40,8 @@ def decode_trees(dec, engine, seqs: list[Sequence]) -> None:
     proposer = dec.proposer
     copies = proposer.copies(seqs)
     budgets = dec._tree_budgets(engine, seqs)
+    if not any(budgets):  # budget 0 everywhere: a plain step, with no tree pass to build or verify
+        return dec.plain_step(engine, seqs, t0)
     # A row whose copy chain fills its budget has no room for draft nodes: it skips the draft's expansion
     # and is fed to the draft later, as a budget-0 row is (a copy costs no draft pass, as in a chain step).
     drafting = [b for b, n in enumerate(budgets) if n > min(len(copies[b]), seqs[b].room(engine.config.max_len))]
