@@ -279,3 +279,29 @@ def test_served_chains_equal_a_from_scratch_chain_at_every_step():
             assert fresh[: len(props)] == props
             steps += 1
     assert steps >= 3 * 6
+
+
+@pytest.mark.unit
+def test_a_k0_step_records_the_served_stats_of_every_row_as_row_by_row():
+    """``plain_step`` computes the trace's served-distribution stats for all rows in one call per sampling
+    rule; a batch mixing greedy, T = 0.7 top-p 0.9 and T = 1.0 rows records what ``served_stats`` gives
+    each row's logits alone (recomputed here from a fresh target pass over the committed tokens)."""
+    from aurora_rl.engine.sampling import served_stats
+
+    model, _ = tiny_target()
+    ps = prompts(3)
+    rules = [SamplingParams(max_tokens=6, ignore_eos=True),
+             SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.7, top_p=0.9, seed=1),
+             SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, seed=2)]
+    traces = []
+    dec = SpecDecoder(make_draft(model), 3, 64, SpecConfig(lookahead=0), trace_sink=traces.append)
+    outs = LLMEngine(model, EngineConfig(num_slots=3, max_len=64), decoder=dec).generate(ps, rules)
+    assert len(traces) == 3
+    for o, t, sp in zip(outs, traces_by_id(traces, outs), rules):
+        ids = o.prompt_ids + o.output_ids[:-1]
+        logits = model(torch.tensor([ids]), torch.arange(len(ids)).view(1, -1), model.new_cache(1, 64),
+                       torch.tensor([0]), with_taps=False).logits[0]
+        P = len(o.prompt_ids)
+        got, want = t.served_stats[P:], served_stats(logits[P:], sp)  # the decode steps' rows
+        assert got.shape == want.shape == (len(o.output_ids) - 1, 3)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (sp, got, want)
