@@ -1,8 +1,9 @@
 """What a speculative step at k = 0 costs over a plain decoding step, by part: the speculative path
 alone, with trace capture for the learner, with the context-copy index, and with both (the serving
 default when the controller settles at k = 0). ms per generated token at batch 1 (``--batch``), the
-configurations interleaved round by round on the same prompts (ShareGPT code), each round's ratio
-against the plain engine of that round; the median over rounds is printed.
+configurations interleaved round by round on the same prompts (ShareGPT code), decoding only (each
+request's rate after its first token), each round's ratio against the plain engine of that round;
+the median over rounds is printed.
 
     python experiments/k0_step_cost.py [--rounds 5] [--prompts 4] [--max-tokens 64] [--batch 1]
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from aurora_rl.bench_spec import Cell, load  # noqa: E402
+from aurora_rl.engine import SamplingParams  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -45,15 +46,15 @@ def main(argv=None) -> None:
     for c in cells.values():
         c.serve(prompts[:1], 8, record=False)
     ms: dict[str, list[float]] = {k: [] for k in cells}
-    tokens = len(prompts) * a.max_tokens
+    sp = SamplingParams(max_tokens=a.max_tokens, ignore_eos=True)
     for r in range(a.rounds):
         order = list(cells) if r % 2 == 0 else list(cells)[::-1]
         for name in order:
-            t0 = time.perf_counter()
-            cells[name].serve(prompts, a.max_tokens, record=False)
-            ms[name].append(1e3 * (time.perf_counter() - t0) / tokens)
-    print(f"batch {a.batch}, {len(prompts)} prompts x {a.max_tokens} tokens, {a.rounds} rounds (prefill included)")
-    print("| configuration | ms per token (median) | vs plain, median of rounds | per-round ratios |")
+            outs = cells[name].engine.generate(prompts, sp)
+            # the decoding rate after each request's first token (prefill left out), mean over requests
+            ms[name].append(1e3 * statistics.mean(1 / o.decode_tokens_per_s for o in outs))
+    print(f"batch {a.batch}, {len(prompts)} prompts x {a.max_tokens} tokens, {a.rounds} rounds (decode only)")
+    print("| configuration | decode ms per token (median) | vs plain, median of rounds | per-round ratios |")
     print("|---|---:|---:|---|")
     for name, xs in ms.items():
         ratios = [x / p for x, p in zip(xs, ms["plain"])]
