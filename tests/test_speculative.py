@@ -283,9 +283,9 @@ def test_served_chains_equal_a_from_scratch_chain_at_every_step():
 
 @pytest.mark.unit
 def test_a_k0_step_records_the_served_stats_of_every_row_as_row_by_row():
-    """``plain_step`` computes the trace's served-distribution stats for all rows in one call per sampling
-    rule; a batch mixing greedy, T = 0.7 top-p 0.9 and T = 1.0 rows records what ``served_stats`` gives
-    each row's logits alone (recomputed here from a fresh target pass over the committed tokens)."""
+    """A k = 0 step (``plain_step``) records in the trace the served-distribution stats of every row under
+    that row's own sampling rule: a batch mixing greedy, T = 0.7 top-p 0.9 and T = 1.0 rows records what
+    ``served_stats`` gives each row's logits alone (recomputed from a fresh target pass)."""
     from aurora_rl.engine.sampling import served_stats
 
     model, _ = tiny_target()

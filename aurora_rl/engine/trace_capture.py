@@ -12,7 +12,6 @@ from typing import Callable
 
 import torch
 
-from aurora_rl.engine.sampling import served_stats
 from aurora_rl.engine.sequence import Sequence, Status
 from aurora_rl.engine.token_tree import TokenTree
 from aurora_rl.engine.trace import Trace, TraceRecorder, TraceStatus
@@ -35,46 +34,25 @@ class TraceCapture:
         rec = self._open[seq.request_id] = TraceRecorder(self.dtype, seq.params)
         rec.add_positions(taps, hidden, logits)
 
-    def row_stats(self, seqs: list[Sequence], logits: torch.Tensor) -> list[torch.Tensor | None]:
-        """``served_stats`` of one logits row per sequence (``logits`` [B, V]), in one call per distinct
-        sampling rule rather than one per row (per row it was ~7% of a batch-8 step at k = 0); None for
-        rows whose trace is not open."""
-        out: list[torch.Tensor | None] = [None] * len(seqs)
-        groups: dict[tuple, list[int]] = {}
-        for b, seq in enumerate(seqs):
-            if seq.request_id in self._open:
-                p = seq.params
-                groups.setdefault((p.greedy, p.temperature, p.top_p, p.top_k), []).append(b)
-        for rows in groups.values():
-            stats = served_stats(logits[rows], seqs[rows[0]].params)
-            for i, b in enumerate(rows):
-                out[b] = stats[i: i + 1]
-        return out
-
     def chain_step(self, seq: Sequence, out, b: int, start: int, proposals: list[int], logp: list[float],
-                   accepted: int, version: int, seconds: float, copied: bool,
-                   stats: torch.Tensor | None = None) -> None:
-        """Row ``b`` of a chain verify pass ``out`` that started at target position ``start`` (``stats``: the
-        kept positions' ``served_stats`` if already computed, see ``row_stats``)."""
+                   accepted: int, version: int, seconds: float, copied: bool) -> None:
+        """Row ``b`` of a chain verify pass ``out`` that started at target position ``start``."""
         rec = self._open.get(seq.request_id)
         if rec is None:
             return
         kept = accepted + 1
-        rec.add_positions(out.taps[b, :kept], out.hidden[b, :kept], None if stats is not None else out.logits[b, :kept],
-                          stats)
+        rec.add_positions(out.taps[b, :kept], out.hidden[b, :kept], out.logits[b, :kept])
         rec.add_step(start - 1, proposals, logp, accepted, version, seconds, copied=copied)
 
     def tree_step(self, seq: Sequence, out, b: int, start: int, tree: TokenTree, path: list[int], chain: list[int],
-                  accepted: int, version: int, seconds: float, copied: bool,
-                  stats: torch.Tensor | None = None) -> None:
+                  accepted: int, version: int, seconds: float, copied: bool) -> None:
         """Row ``b`` of a tree verify pass: the kept ``path``, the whole tree, and its chain view ``chain``
         (``aurora_rl.engine.tree_step.chain_of``) in the chain columns."""
         rec = self._open.get(seq.request_id)
         if rec is None:
             return
         keep = [0] + path
-        rec.add_positions(out.taps[b, keep], out.hidden[b, keep],
-                          None if out.logits is None or stats is not None else out.logits[b, keep], stats)
+        rec.add_positions(out.taps[b, keep], out.hidden[b, keep], None if out.logits is None else out.logits[b, keep])
         # A greedy request's nodes are picked, not drawn: the chain columns log the point mass (0), as the
         # chain path does; tree_logp keeps the draft's scores the tree was ranked by.
         logp = [0.0] * len(chain) if seq.params.greedy else [tree.logp[i] for i in chain]
