@@ -449,25 +449,41 @@ INLINE __m512 reduce16(__m512 *a) {
 }
 
 /* QC queries sharing one KV head. Scores with bf16 dot products (exact products, fp32 sums), softmax
-   and the weighted sum of values in fp32. hd % 32 == 0, hd <= 256. */
-INLINE void attn_chunk_dp(const uint16_t **qp, const int64_t *n, const uint64_t *tm, uint16_t **op, const uint16_t *kp,
-                          const uint16_t *vp, int64_t hd, float scale, float *buf, int64_t stride, const int QC) {
-    const int64_t nc = hd / 32, nv = hd / 16;
+   and the weighted sum of values in fp32. hd % 32 == 0, hd <= 256. HD is hd as a compile-time constant
+   where the caller can give one (64, 128: the loops unroll and the accumulators stay in registers), else
+   0. Each query's result takes the same operations in the same order whatever QC, HD or the other
+   queries (a verify pass gives what one-token steps give). A tree mask only hides keys among a query's
+   last 64, so only blocks reaching into that window are checked. */
+INLINE void attn_chunk_dp_hd(const uint16_t **qp, const int64_t *n, const uint64_t *tm, uint16_t **op,
+                             const uint16_t *kp, const uint16_t *vp, int64_t hd_rt, float scale, float *buf,
+                             int64_t stride, const int QC, const int HD) {
+    const int64_t hd = HD ? HD : hd_rt, nc = hd / 32, nv = hd / 16;
     int64_t nmax = 0;
     for (int i = 0; i < QC; i++) nmax = n[i] > nmax ? n[i] : nmax;
     const int64_t npad = (nmax + 15) & ~(int64_t)15;
-    __m512 a[16];
+    const int64_t full = nmax & ~(int64_t)15;  /* blocks of 16 keys that are all written */
     for (int i = 0; i < QC; i++) {
         __m512bh qv[8];
         for (int64_t c = 0; c < nc; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qp[i] + c * 32);
         float *bi = buf + i * stride;
+        const int64_t window = n[i] - 64;  /* keys before this one are never hidden by the tree */
         for (int64_t j0 = 0; j0 < npad; j0 += 16) {
-            for (int jj = 0; jj < 16; jj++) {
-                a[jj] = _mm512_setzero_ps();
-                if (j0 + jj < nmax) {  /* never read past the row's written keys */
+            __m512 a[16];
+            if (j0 < full) {
+                for (int jj = 0; jj < 16; jj++) {
                     const uint16_t *kr = kp + (j0 + jj) * hd;
-                    for (int64_t c = 0; c < nc; c++)
+                    a[jj] = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(kr), qv[0]);
+                    for (int64_t c = 1; c < nc; c++)
                         a[jj] = _mm512_dpbf16_ps(a[jj], (__m512bh)_mm512_loadu_si512(kr + c * 32), qv[c]);
+                }
+            } else {
+                for (int jj = 0; jj < 16; jj++) {
+                    a[jj] = _mm512_setzero_ps();
+                    if (j0 + jj < nmax) {  /* never read past the row's written keys */
+                        const uint16_t *kr = kp + (j0 + jj) * hd;
+                        for (int64_t c = 0; c < nc; c++)
+                            a[jj] = _mm512_dpbf16_ps(a[jj], (__m512bh)_mm512_loadu_si512(kr + c * 32), qv[c]);
+                    }
                 }
             }
             __m512 sc = _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale));
@@ -476,7 +492,7 @@ INLINE void attn_chunk_dp(const uint16_t **qp, const int64_t *n, const uint64_t 
                 __mmask16 keep = valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
                 sc = _mm512_mask_blend_ps(keep, _mm512_set1_ps(-1.0e30f), sc);
             }
-            if (tm[i] != NO_TREE) {
+            if (tm[i] != NO_TREE && j0 + 16 > window) {
                 __mmask16 hide = 0;
                 for (int jj = 0; jj < 16; jj++) if (TREE_HIDDEN(tm[i], n[i], j0 + jj)) hide |= (__mmask16)(1u << jj);
                 sc = _mm512_mask_blend_ps(hide, sc, _mm512_set1_ps(-1.0e30f));
@@ -491,23 +507,46 @@ INLINE void attn_chunk_dp(const uint16_t **qp, const int64_t *n, const uint64_t 
             v16f e = vexp((v16f)_mm512_loadu_ps(bi + j0) - m);
             const int64_t valid = n[i] - j0;
             if (valid < 16) e = (v16f)_mm512_maskz_mov_ps(valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1), (__m512)e);
-            if (tm[i] != NO_TREE) for (int l = 0; l < 16; l++) if (TREE_HIDDEN(tm[i], n[i], j0 + l)) e[l] = 0.f;
+            if (tm[i] != NO_TREE && j0 + 16 > window)
+                for (int l = 0; l < 16; l++) if (TREE_HIDDEN(tm[i], n[i], j0 + l)) e[l] = 0.f;
             _mm512_storeu_ps(bi + j0, (__m512)e);
             total += e;
         }
         bi[npad] = 1.f / hsum(total);  /* the normaliser rides after the probabilities */
     }
-    v16f acc[4][16];
-    for (int i = 0; i < QC; i++) for (int64_t d = 0; d < nv; d++) acc[i][d] = (v16f){0};
-    for (int64_t j = 0; j < nmax; j++) {
-        const uint16_t *vr = vp + j * hd;
-        for (int64_t d = 0; d < nv; d++) {
-            const v16f v = load16_bf16(vr + d * 16);
-            for (int i = 0; i < QC; i++) acc[i][d] += v * buf[i * stride + j];
+    /* Values 64 dims at a time: QC x 4 accumulators in registers, each value row read once for all queries. */
+    for (int64_t d0 = 0; d0 < nv; d0 += 4) {
+        const int dn = nv - d0 < 4 ? (int)(nv - d0) : 4;
+        v16f acc[4][4];
+        for (int i = 0; i < QC; i++) for (int d = 0; d < 4; d++) acc[i][d] = (v16f){0};
+        if (dn == 4) {
+            for (int64_t j = 0; j < nmax; j++) {
+                const uint16_t *vr = vp + j * hd + d0 * 16;
+                const v16f v0 = load16_bf16(vr), v1 = load16_bf16(vr + 16), v2 = load16_bf16(vr + 32),
+                           v3 = load16_bf16(vr + 48);
+                for (int i = 0; i < QC; i++) {
+                    const float p = buf[i * stride + j];
+                    acc[i][0] += v0 * p; acc[i][1] += v1 * p; acc[i][2] += v2 * p; acc[i][3] += v3 * p;
+                }
+            }
+        } else {
+            for (int64_t j = 0; j < nmax; j++)
+                for (int d = 0; d < dn; d++) {
+                    const v16f v = load16_bf16(vp + j * hd + (d0 + d) * 16);
+                    for (int i = 0; i < QC; i++) acc[i][d] += v * buf[i * stride + j];
+                }
         }
+        for (int i = 0; i < QC; i++)
+            for (int d = 0; d < dn; d++)
+                store_bf16(op[i] + (d0 + d) * 16, acc[i][d] * buf[i * stride + npad], 16);
     }
-    for (int i = 0; i < QC; i++)
-        for (int64_t d = 0; d < nv; d++) store_bf16(op[i] + d * 16, acc[i][d] * buf[i * stride + npad], 16);
+}
+
+INLINE void attn_chunk_dp(const uint16_t **qp, const int64_t *n, const uint64_t *tm, uint16_t **op, const uint16_t *kp,
+                          const uint16_t *vp, int64_t hd, float scale, float *buf, int64_t stride, const int QC) {
+    if (hd == 64) attn_chunk_dp_hd(qp, n, tm, op, kp, vp, hd, scale, buf, stride, QC, 64);
+    else if (hd == 128) attn_chunk_dp_hd(qp, n, tm, op, kp, vp, hd, scale, buf, stride, QC, 128);
+    else attn_chunk_dp_hd(qp, n, tm, op, kp, vp, hd, scale, buf, stride, QC, 0);
 }
 #endif
 
