@@ -212,3 +212,23 @@ def test_draft_step_in_one_native_call_matches_the_step_by_step_path(dtype, monk
             torch.testing.assert_close(outs[i].hidden.float(), outs[2 + i].hidden.float(), **tol)
         torch.testing.assert_close(caches[0].k[0].float(), caches[1].k[0].float(), **tol)
         torch.testing.assert_close(caches[0].v[0].float(), caches[1].v[0].float(), **tol)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 49152), (13, 4096), (3, 17), (2, 16), (4, 1), (2, 3, 33)])
+def test_argmax_picks_what_torch_picks_including_ties_nan_and_infinities(dtype, shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g).to(dtype)
+    n = shape[-1]
+    nan = x.clone()
+    nan[..., n // 2] = float("nan")
+    nan[..., -1] = float("nan")
+    top = x.clone()
+    top[..., -1] = float("inf")
+    floor = torch.full(shape, float("-inf"), dtype=dtype)
+    lifted = floor.clone()
+    lifted[..., -1] = 0.0
+    for case in (x, (2 * x).round().clamp(-1, 1), (0.3 * x).round(), nan, top, floor, lifted):
+        got = cpu_kernels.argmax(case)
+        assert got.dtype == torch.int64 and torch.equal(got, case.argmax(-1)), case

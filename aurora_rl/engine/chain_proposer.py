@@ -29,6 +29,7 @@ import torch
 from aurora_rl.engine.context_copy import ContextIndex
 from aurora_rl.engine.sampling import processed_probs, sample_from
 from aurora_rl.engine.sequence import Sequence
+from aurora_rl.models import cpu_kernels
 from aurora_rl.models.draft import Eagle3Draft
 
 
@@ -205,7 +206,7 @@ class ChainProposer:
             for b in rows:
                 seq = seqs[b]
                 if seq.params.greedy:  # a point mass at the argmax: its behaviour log-prob is log 1
-                    d, logp = int(logits[b].argmax()), 0.0
+                    d, logp = int(cpu_kernels.argmax(logits[b])), 0.0
                 else:  # drawn from the draft's distribution under the request's temperature, top-k, top-p
                     probs = processed_probs(logits[b], seq.params)
                     d = int(sample_from(probs, seq.generator))

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aurora_rl.models import cpu_kernels
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -59,7 +61,7 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     """The distribution [..., V] a request samples from; one-hot at the argmax when greedy."""
     logits = logits.float()
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.nn.functional.one_hot(cpu_kernels.argmax(logits), logits.shape[-1]).float()
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -102,7 +104,7 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
                   generators: list[torch.Generator | None]) -> list[int]:
     """Next token for each row of ``logits`` [B, V]; greedy rows share one argmax."""
-    argmax = logits.argmax(-1).tolist()
+    argmax = cpu_kernels.argmax(logits).tolist()
     out = []
     for row, (p, g) in enumerate(zip(params, generators)):
         out.append(argmax[row] if p.greedy else int(sample_from(processed_probs(logits[row], p), g)))

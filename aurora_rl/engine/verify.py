@@ -16,6 +16,7 @@ from aurora_rl.engine.sampling import processed_probs, sample_tokens
 from aurora_rl.engine.sequence import Sequence
 from aurora_rl.engine.spec_math import Verdict, greedy_verify_batch, rejection_verify
 from aurora_rl.engine.token_tree import TokenTree, TreeVerdict, greedy_tree_verify, rejection_tree_verify
+from aurora_rl.models import cpu_kernels
 
 
 def verify_chains(seqs: list[Sequence], props: list[list[int]], target_logits: torch.Tensor,
@@ -34,7 +35,7 @@ def verify_chains(seqs: list[Sequence], props: list[list[int]], target_logits: t
     if greedy:
         prop = torch.tensor([props[b] + [-1] * (K - len(props[b])) for b in greedy], dtype=torch.long)
         acc, nxt = greedy_verify_batch(prop.view(len(greedy), K), torch.tensor([len(props[b]) for b in greedy]),
-                                       target_logits[greedy, : K + 1].argmax(-1))
+                                       cpu_kernels.argmax(target_logits[greedy, : K + 1]))
         for i, b in enumerate(greedy):
             verdicts[b] = Verdict(int(acc[i]), int(nxt[i]))
     for b, seq in enumerate(seqs):
@@ -47,7 +48,7 @@ def verify_chains(seqs: list[Sequence], props: list[list[int]], target_logits: t
 
 def verify_trees(seqs: list[Sequence], trees: list[TokenTree], target_logits: torch.Tensor) -> list[TreeVerdict]:
     """The accept rule per row over the verify pass's logits [B, T, V] (node order)."""
-    argmax = target_logits.argmax(-1).tolist()
+    argmax = cpu_kernels.argmax(target_logits).tolist()
     out = []
     for b, (seq, tree) in enumerate(zip(seqs, trees)):
         if seq.params.greedy:

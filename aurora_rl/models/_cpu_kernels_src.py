@@ -7,6 +7,7 @@ the compiler targets them (``-march=native``). Every exported function exists fo
 - ``aurora_attn`` (+ ``aurora_attn_bf16_dp``): attention of a few queries per row over the slot cache.
 - ``aurora_add_rmsnorm``, ``aurora_silu_mul``, ``aurora_rope_write``: the elementwise steps.
 - ``aurora_layer``: one decoder layer made of the above; ``aurora_draft_layer``: the EAGLE3 draft's.
+- ``aurora_argmax``: the index of each row's largest value (torch.argmax's rule, ~30x faster on bf16).
 """
 
 SOURCE = r"""
@@ -738,4 +739,45 @@ int aurora_has_avx512bf16(void) {
     return 0;
 #endif
 }
+
+/* ---- argmax over the vocabulary ----------------------------------------------------------------------
+   out[r] = the index of the first largest value of row r of x [rows, n], a NaN counting as larger than
+   any number (the first NaN wins), as torch.argmax. One pass: each lane keeps its first maximum and its
+   index, then the lowest index among the lanes holding the row's maximum wins. (torch's own argmax takes
+   ~4 ns a bf16 element here; a verify pass takes 13 rows of 49152.) */
+#define ARGMAX_KERNEL(NAME, T, LOAD, TOF)                                                             \
+void NAME(const T *x, int64_t *out, int64_t rows, int64_t n, int threads) {                           \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows * n >= (1 << 20))")       \
+    for (int64_t r = 0; r < rows; r++) {                                                              \
+        const T *xr = x + r * n;                                                                      \
+        const int64_t nb = n < ((int64_t)1 << 31) ? (n & ~(int64_t)15) : 0;                          \
+        v16f mv = (v16f){0} - __builtin_inff();                                                       \
+        v16i iv = (v16i){0}, jv = (v16i){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};          \
+        v16u nan = (v16u){0};                                                                         \
+        for (int64_t j = 0; j < nb; j += 16, jv += 16) {                                              \
+            const v16f v = LOAD(xr + j);                                                              \
+            const v16i gt = (v16i)(v > mv);                                                           \
+            nan |= (v16u)(v != v);                                                                    \
+            mv = vselect((v16u)gt, v, mv);                                                            \
+            iv = (gt & jv) | (~gt & iv);                                                              \
+        }                                                                                             \
+        float m = -__builtin_inff();                                                                  \
+        int64_t best = 0;                                                                             \
+        int any_nan = 0;                                                                              \
+        if (nb) { m = mv[0]; best = iv[0]; }                                                          \
+        for (int l = 0; l < 16; l++) {                                                                \
+            any_nan |= nan[l] != 0;                                                                   \
+            if (nb && (mv[l] > m || (mv[l] == m && iv[l] < best))) { m = mv[l]; best = iv[l]; }       \
+        }                                                                                             \
+        for (int64_t j = nb; j < n; j++) {                                                            \
+            const float v = TOF(xr[j]);                                                               \
+            if (v != v) any_nan = 1;                                                                  \
+            else if (v > m || (j == 0)) { m = v; best = j; }                                          \
+        }                                                                                             \
+        if (any_nan) { best = 0; while (TOF(xr[best]) == TOF(xr[best])) best++; }                     \
+        out[r] = best;                                                                                \
+    }                                                                                                 \
+}
+ARGMAX_KERNEL(aurora_argmax_bf16, uint16_t, load16_bf16, bf16_to_f32)
+ARGMAX_KERNEL(aurora_argmax_f32, float, load16_f32, same_f32)
 """

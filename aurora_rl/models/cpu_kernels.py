@@ -65,6 +65,7 @@ _SIGNATURES = {  # C function (one per dtype: _bf16, _f32) -> argument types; th
     "aurora_rope_write": [_P] * 9 + [_I] * 7 + [_T],
     "aurora_layer": [_P] * 20 + [_I] * 10 + [_F, _T],
     "aurora_draft_layer": [_P] * 20 + [_I] * 10 + [_F, _T],
+    "aurora_argmax": [_P, _P, _I, _I, _T],
 }
 
 
@@ -351,6 +352,19 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slo
         tree_mask = tree_mask.contiguous()
     return _attention(kernels, q, k_cache, v_cache, slots.contiguous(), positions.contiguous(), scale, kv_len,
                       tree_mask)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` (int64; the first maximum, a NaN counting as the largest) for a CPU float32 or
+    bfloat16 ``x``; torch's own where the kernels cannot take it."""
+    kernels = _kernels()
+    if kernels is None or x.dtype not in _FLOATS or x.device.type != "cpu" or x.numel() == 0 or x.dim() == 0:
+        return x.argmax(-1)
+    x = x.contiguous()
+    out = torch.empty(x.shape[:-1], dtype=torch.int64)
+    kernels.fn("aurora_argmax", x.dtype)(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                                         _threads())
+    return out
 
 
 # ---- elementwise steps ------------------------------------------------------------------------------
