@@ -52,7 +52,7 @@ def test_linear_native_path_matches_f_linear_and_follows_weight_updates(dtype):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hd", [16, 64, 80])
+@pytest.mark.parametrize("hd", [16, 64, 80, 96, 128])
 def test_attention_over_slot_cache_is_causal_per_row(dtype, hd):
     g = torch.Generator().manual_seed(hd)
     B, T, nh, nkv, S = 3, 4, 6, 2, 40
@@ -67,6 +67,24 @@ def test_attention_over_slot_cache_is_causal_per_row(dtype, hd):
             k, v = (c[slots[b], :, :n].float().repeat_interleave(nh // nkv, 0) for c in (kc, vc))
             ref = torch.softmax(q[b, t].float()[:, None] @ k.transpose(1, 2) * hd ** -0.5, -1) @ v
             close(got[b, t], ref[:, 0], dtype)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd", [64, 96, 128])
+def test_attention_of_a_query_is_bit_identical_alone_and_among_others(dtype, hd):
+    """A verify pass must give each token what a one-token step gives it: the kernel takes up to four
+    queries per pass over a KV head, and each query's result may not depend on its companions."""
+    g = torch.Generator().manual_seed(hd + 1)
+    T, nh, nkv, ctx = 13, 9, 3, 150
+    q = torch.randn(1, T, nh, hd, generator=g).to(dtype)
+    kc, vc = (torch.randn(1, nkv, 256, hd, generator=g).to(dtype) for _ in range(2))
+    slots = torch.zeros(1, dtype=torch.long)
+    pos = (ctx + torch.arange(T)).view(1, T)
+    together = cpu_kernels.attention(q, kc, vc, slots, pos, hd ** -0.5).view(T, nh * hd)
+    for t in range(T):
+        alone = cpu_kernels.attention(q[:, t:t + 1], kc, vc, slots, pos[:, t:t + 1], hd ** -0.5).view(nh * hd)
+        assert torch.equal(together[t], alone), t
 
 
 @pytest.mark.unit
