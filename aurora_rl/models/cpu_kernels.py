@@ -356,14 +356,13 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slo
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` (int64; the first maximum, a NaN counting as the largest) for a CPU float32 or
-    bfloat16 ``x``; torch's own where the kernels cannot take it."""
-    kernels = _kernels()
-    if kernels is None or x.dtype not in _FLOATS or x.device.type != "cpu" or x.numel() == 0 or x.dim() == 0:
+    bfloat16 ``x``; torch's own where the kernels cannot take it or decoding leaves them off."""
+    if not available() or x.dtype not in _FLOATS or x.device.type != "cpu" or x.numel() == 0 or x.dim() == 0:
         return x.argmax(-1)
     x = x.contiguous()
     out = torch.empty(x.shape[:-1], dtype=torch.int64)
-    kernels.fn("aurora_argmax", x.dtype)(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
-                                         _threads())
+    _kernels().fn("aurora_argmax", x.dtype)(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                                            _threads())
     return out
 
 
