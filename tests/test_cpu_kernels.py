@@ -251,3 +251,28 @@ def test_argmax_picks_what_torch_picks_including_ties_nan_and_infinities(dtype, 
     for case in (x, (2 * x).round().clamp(-1, 1), (0.3 * x).round(), nan, top, floor, lifted):
         got = cpu_kernels.argmax(case)
         assert got.dtype == torch.int64 and torch.equal(got, case.argmax(-1)), case
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 49152), (13, 4096), (3, 17), (2, 16), (4, 1), (2, 3, 33)])
+def test_logsumexp_matches_torch_including_nan_infinities_and_temperature(dtype, shape):
+    assert cpu_kernels.available()  # the native kernel, not the torch fallback, is what runs here
+    g = torch.Generator().manual_seed(shape[-1] + 1)
+    x = (4 * torch.randn(*shape, generator=g)).to(dtype)
+    n = shape[-1]
+    nan = x.clone()
+    nan[..., n // 2] = float("nan")
+    top = x.clone()
+    top[..., -1] = float("inf")
+    floor = torch.full(shape, float("-inf"), dtype=dtype)
+    lifted = floor.clone()
+    lifted[..., -1] = 3.0
+    peaked = x.clone()
+    peaked[..., 0] = 80.0  # one logit far above the rest: exp of the others underflows
+    for case in (x, nan, top, floor, lifted, peaked, x - 200.0):
+        for scale in (1.0, 1 / 0.7, 1 / 1.5):
+            got = cpu_kernels.logsumexp(case, scale)
+            want = torch.logsumexp(case.float() * scale, -1)
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-5, equal_nan=True)

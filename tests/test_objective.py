@@ -186,3 +186,17 @@ def test_proposals_outside_the_learners_vocabulary_cut_the_chain_there(tiny):
     cut = [a for a, tr_acc in zip(expect_acc, torch.cat([tr.accepted[(tr.lookahead > 0) & ~tr.copied] for tr in traces]).tolist())
            if a < tr_acc]
     assert cut, "the traces should hold an accepted proposal outside the other draft's vocabulary"
+
+
+def test_served_stats_of_a_batch_are_each_rows_own():
+    """``served_stats_rows`` (a plain step's rows in one call, grouped by temperature) gives every row what
+    ``served_stats`` gives it alone, for a batch mixing greedy, plain-temperature and truncated rows."""
+    from aurora_rl.engine.sampling import served_stats_rows
+
+    logits = (torch.randn(6, 300, generator=torch.Generator().manual_seed(3)) * 4).bfloat16()
+    rules = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_p=0.9),
+             SamplingParams(temperature=1.3), SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=5)]
+    got = served_stats_rows(logits, rules)
+    want = torch.cat([served_stats(logits[b : b + 1], p) for b, p in enumerate(rules)])
+    assert got.shape == (6, 3)
+    assert_close(got, want, atol=2e-5, rtol=2e-6)

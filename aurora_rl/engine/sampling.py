@@ -86,13 +86,32 @@ def served_stats(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     With them, p(v) = exp(z_v - col2) where z_v >= col1, else 0, for any subset of the vocabulary.
     """
     temperature = 1.0 if params.greedy else params.temperature
+    if params.greedy or (params.top_p >= 1.0 and not params.top_k):
+        logz = cpu_kernels.logsumexp(logits, 1.0 / temperature)  # every served row pays this: one native pass
+        return torch.stack([logz, torch.full_like(logz, float("-inf")), logz], -1)
     z = logits.float() / temperature
     logz = torch.logsumexp(z, -1)
-    if params.greedy or (params.top_p >= 1.0 and not params.top_k):
-        return torch.stack([logz, torch.full_like(logz, float("-inf")), logz], -1)
     kept = processed_probs(logits, params) > 0
     cut = z.masked_fill(~kept, float("inf")).amin(-1)
     return torch.stack([logz, cut, torch.logsumexp(z.masked_fill(~kept, float("-inf")), -1)], -1)
+
+
+def served_stats_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``served_stats`` of row b of ``logits`` [B, V] under ``params[b]``: [B, 3]. Rows whose distribution
+    cuts nothing (greedy, or no top-k/top-p) share one native pass per temperature; a plain step of a
+    batch records one such row per request."""
+    out = torch.empty(logits.shape[0], 3)
+    simple: dict[float, list[int]] = {}
+    for b, p in enumerate(params):
+        if p.greedy or (p.top_p >= 1.0 and not p.top_k):
+            simple.setdefault(1.0 if p.greedy else p.temperature, []).append(b)
+        else:
+            out[b] = served_stats(logits[b : b + 1], p)[0]
+    for temperature, rows in simple.items():
+        sel = logits if len(rows) == logits.shape[0] else logits[rows]
+        logz = cpu_kernels.logsumexp(sel, 1.0 / temperature)
+        out[rows] = torch.stack([logz, torch.full_like(logz, float("-inf")), logz], -1)
+    return out
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -216,15 +216,18 @@ class SpecDecoder:
         starts = [int(engine.runner.lengths[s.slot]) for s in seqs]
         out = engine.runner.extend([s.slot for s in seqs], [[s.last_token] for s in seqs], with_taps=True)
         tokens = sample_tokens(out.logits[:, 0], [s.params for s in seqs], [s.generator for s in seqs])
+        stats = self.traces.plain_stats(seqs, out.logits[:, 0])  # every row's in one call
         dt = time.perf_counter() - t0
         for b, (seq, tok) in enumerate(zip(seqs, tokens)):
             self.proposer.defer(seq.slot, starts[b], [tok], out.taps[b])
             seq.verify_steps += 1
+            row = None if stats is None else stats[b : b + 1]
             if self.tree_proposer is None:
-                self.traces.chain_step(seq, out, b, starts[b], [], [], 0, self.policy_version, dt, copied=False)
+                self.traces.chain_step(seq, out, b, starts[b], [], [], 0, self.policy_version, dt, copied=False,
+                                       stats=row)
             else:
                 self.traces.tree_step(seq, out, b, starts[b], TokenTree.rooted(seq.last_token), [], [], 0,
-                                      self.policy_version, dt, copied=False)
+                                      self.policy_version, dt, copied=False, stats=row)
             engine.append_tokens(seq, [tok])
 
     def release(self, engine, seq: Sequence) -> None:

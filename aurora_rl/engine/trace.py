@@ -140,14 +140,21 @@ class TraceRecorder:
     steps: list[tuple] = field(default_factory=list)
     t_step: float = field(default_factory=time.perf_counter)
 
-    def add_positions(self, taps: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> None:
-        """Kept positions' features; ``logits`` [R, V] are the target's full logits of the last R of them."""
+    def add_positions(self, taps: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor | None = None,
+                      stats: torch.Tensor | None = None) -> None:
+        """Kept positions' features; ``logits`` [R, V] are the target's full logits of the last R of them
+        (or ``stats`` [R, 3], their ``served_stats`` computed already: a batch's in one call)."""
         self.taps.append(taps.to(self.dtype))
         self.hidden.append(hidden.to(self.dtype))
-        stats = torch.full((taps.shape[0], 3), float("nan"))
-        if logits is not None and logits.shape[0]:
-            stats[taps.shape[0] - logits.shape[0]:] = served_stats(logits, self.params)
-        self.stats.append(stats)
+        if stats is None and logits is not None and logits.shape[0]:
+            stats = served_stats(logits, self.params)
+        if stats is not None and stats.shape[0] == taps.shape[0]:
+            self.stats.append(stats)
+            return
+        full = torch.full((taps.shape[0], 3), float("nan"))
+        if stats is not None and stats.shape[0]:
+            full[taps.shape[0] - stats.shape[0]:] = stats
+        self.stats.append(full)
 
     trees: list[tuple] = field(default_factory=list)
     """Per step (tree steps only): (tokens, parents, logp, copied, on the accepted path)."""

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from aurora_rl.engine.sampling import served_stats_rows
 from aurora_rl.engine.sequence import Sequence, Status
 from aurora_rl.engine.token_tree import TokenTree
 from aurora_rl.engine.trace import Trace, TraceRecorder, TraceStatus
@@ -34,25 +35,36 @@ class TraceCapture:
         rec = self._open[seq.request_id] = TraceRecorder(self.dtype, seq.params)
         rec.add_positions(taps, hidden, logits)
 
+    def plain_stats(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
+        """The served stats of a plain step's rows (``logits`` [B, V]) in one batched call; None when no
+        row is recorded."""
+        if not self.enabled or not any(s.request_id in self._open for s in seqs):
+            return None
+        return served_stats_rows(logits, [s.params for s in seqs])
+
     def chain_step(self, seq: Sequence, out, b: int, start: int, proposals: list[int], logp: list[float],
-                   accepted: int, version: int, seconds: float, copied: bool) -> None:
-        """Row ``b`` of a chain verify pass ``out`` that started at target position ``start``."""
+                   accepted: int, version: int, seconds: float, copied: bool,
+                   stats: torch.Tensor | None = None) -> None:
+        """Row ``b`` of a chain verify pass ``out`` that started at target position ``start`` (``stats``:
+        the kept positions' served stats, when the caller computed a batch's at once)."""
         rec = self._open.get(seq.request_id)
         if rec is None:
             return
         kept = accepted + 1
-        rec.add_positions(out.taps[b, :kept], out.hidden[b, :kept], out.logits[b, :kept])
+        rec.add_positions(out.taps[b, :kept], out.hidden[b, :kept], None if stats is not None else out.logits[b, :kept],
+                          stats)
         rec.add_step(start - 1, proposals, logp, accepted, version, seconds, copied=copied)
 
     def tree_step(self, seq: Sequence, out, b: int, start: int, tree: TokenTree, path: list[int], chain: list[int],
-                  accepted: int, version: int, seconds: float, copied: bool) -> None:
+                  accepted: int, version: int, seconds: float, copied: bool, stats: torch.Tensor | None = None) -> None:
         """Row ``b`` of a tree verify pass: the kept ``path``, the whole tree, and its chain view ``chain``
-        (``aurora_rl.engine.tree_step.chain_of``) in the chain columns."""
+        (``aurora_rl.engine.tree_step.chain_of``) in the chain columns; ``stats`` as in ``chain_step``."""
         rec = self._open.get(seq.request_id)
         if rec is None:
             return
         keep = [0] + path
-        rec.add_positions(out.taps[b, keep], out.hidden[b, keep], None if out.logits is None else out.logits[b, keep])
+        logits = None if out.logits is None or stats is not None else out.logits[b, keep]
+        rec.add_positions(out.taps[b, keep], out.hidden[b, keep], logits, stats)
         # A greedy request's nodes are picked, not drawn: the chain columns log the point mass (0), as the
         # chain path does; tree_logp keeps the draft's scores the tree was ranked by.
         logp = [0.0] * len(chain) if seq.params.greedy else [tree.logp[i] for i in chain]

@@ -66,6 +66,7 @@ _SIGNATURES = {  # C function (one per dtype: _bf16, _f32) -> argument types; th
     "aurora_layer": [_P] * 20 + [_I] * 10 + [_F, _T],
     "aurora_draft_layer": [_P] * 20 + [_I] * 10 + [_F, _T],
     "aurora_argmax": [_P, _P, _I, _I, _T],
+    "aurora_logsumexp": [_P, _P, _I, _I, _F, _T],
 }
 
 
@@ -363,6 +364,20 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[:-1], dtype=torch.int64)
     _kernels().fn("aurora_argmax", x.dtype)(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
                                             _threads())
+    return out
+
+
+def logsumexp(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``torch.logsumexp(scale * x.float(), -1)`` (float32) for a CPU float32 or bfloat16 ``x`` and
+    ``scale`` > 0: one native pass for the maximum, one for the sum; torch's where the kernels cannot
+    take it or decoding leaves them off."""
+    if (not available() or x.dtype not in _FLOATS or x.device.type != "cpu" or x.numel() == 0 or x.dim() == 0
+            or not scale > 0):
+        return torch.logsumexp(x.float() * scale, -1)
+    x = x.contiguous()
+    out = torch.empty(x.shape[:-1], dtype=torch.float32)
+    _kernels().fn("aurora_logsumexp", x.dtype)(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                                               x.shape[-1], float(scale), _threads())
     return out
 
 
