@@ -7,6 +7,7 @@ import pytest
 
 from aurora_rl.engine import EngineConfig, LLMEngine, SamplingParams
 from aurora_rl.engine.adaptive_tree import AdaptiveTreeBudget, TreeBudgetConfig, quarter_budgets
+from aurora_rl.engine.lookahead_model import bucket
 from aurora_rl.engine.speculative import SpecConfig, SpecDecoder
 from tests.conftest import tiny_target
 from tests.test_engine import prompts
@@ -78,3 +79,45 @@ def test_adaptive_tree_budget_in_the_engine_keeps_outputs_identical():
     assert {0, 2, 8} <= set(ctl.chosen) and all(c[1] > 0 for cells in ctl.cost.values() for c in cells.values())
     with pytest.raises(ValueError, match="tree_topk"):
         AdaptiveTreeBudget([4]).attach(SpecDecoder(make_draft(model), 2, 32, SpecConfig()))
+
+
+class _Row:
+    def __init__(self, slot, lookahead=None):
+        self.slot = slot
+        self.params = SamplingParams(lookahead=lookahead)
+
+
+@pytest.mark.unit
+def test_at_batch_8_budgets_are_probed_on_one_row_and_a_batch_of_trees_runs_only_once_it_could_pay():
+    """At B > 1 the first tries of a budget give it to one row (the lowest slot; not a row that asked for
+    lookahead 0), timed apart; a whole batch runs the budget only when the cost predicted from the probes,
+    t(B, 0) + B (t_probe - t(B, 0)), with optimistic acceptance beats plain steps."""
+    rows = [_Row(s) for s in (5, 2, 7, 3)] + [_Row(0, lookahead=0)] + [_Row(s) for s in (4, 6, 1)]
+
+    def serve(ctl, steps, accepted_per_row, probe_extra):
+        full = 0
+        for _ in range(steps):
+            budgets = ctl(rows)
+            n = max(budgets)
+            ran = [b > 0 for b in budgets]
+            if ctl.probing:
+                assert sum(ran) == 1 and budgets[7] == n  # slot 1, the lowest free one
+            elif n:
+                full += 1
+                assert budgets[4] == 0 and sum(ran) == 7
+            per_row = accepted_per_row[n]
+            seconds = 1.0 + (probe_extra[n] if ctl.probing else 8 * probe_extra[n])
+            k = sum(ran) if n else len(rows)
+            ctl.observe(8, n, seconds, per_row * sum(ran), k, per_row * per_row * sum(ran), probe=ctl.probing)
+        return full
+
+    useless = AdaptiveTreeBudget([4, 8], TreeBudgetConfig(probe_steps=3, epsilon=0.2, seed=1))
+    # a row's tree adds 0.3 of a plain batch step and wins 0.2 tokens: a batch of trees costs 3.4 steps
+    assert serve(useless, 300, {0: 0, 4: 0.2, 8: 0.25}, {0: 0.0, 4: 0.3, 8: 0.4}) == 0
+    assert useless.probes == 6 and useless.step_cost(8, 4) == pytest.approx(1.0 + 8 * 0.3)
+    assert useless.cost[bucket(8)].keys() == {0}  # no budget ever ran on the whole batch
+
+    good = AdaptiveTreeBudget([4, 8], TreeBudgetConfig(probe_steps=3, epsilon=0.2, seed=1))
+    # each row's tree adds 0.02 of a step and wins 1.5 tokens: trees pay on the whole batch
+    full = serve(good, 100, {0: 0, 4: 1.5, 8: 1.8}, {0: 0.0, 4: 0.02, 8: 0.05})
+    assert full > 80 and good.cost[bucket(8)][4][1] > 0

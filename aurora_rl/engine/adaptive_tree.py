@@ -16,7 +16,15 @@ budget, so noise never buys speculation that does not pay. Exploration: every bu
 then with probability ``epsilon`` a step takes a neighbouring budget: a smaller one always, a larger one
 only while it could still pay, i.e. while its tokens per second with optimistic acceptance (an upper
 confidence bound: mean + 2 sd / sqrt(n) + 1 / n over the n row-steps remembered at that budget) beat the
-chosen budget's. So a draft shown not to pay stops costing exploration steps (an unconditional 3% of
+chosen budget's.
+
+At batch B > 1 the first tries are probes: one row (the lowest slot) gets the budget, the others run
+plain. Acceptance is a row's and does not depend on B, so a probe measures it at the price of one row's
+tree, where a whole batch of trees cost 3-4 plain steps each at batch 8 (session 12's table: the three
+tries per budget cost the adaptive tree 0.88x at batch 8). Until a budget has run on the whole batch its
+cost there is predicted from the probes: t(B, n) = t(B, 0) + B (t_probe(B, n) - t(B, 0)), each row's
+tree costing what the probed row's did; a budget is run on the whole batch only once that prediction,
+with optimistic acceptance, says it could pay, and from then on its measured cost counts. So a draft shown not to pay stops costing exploration steps (an unconditional 3% of
 steps at a budget that costs three plain steps was a 6% loss, and the controller ran at 0.92x-0.95x of
 plain decoding); a hot swap of the draft (a new policy version) halves the acceptance evidence, which
 widens the bound and lets exploration resume.
@@ -72,7 +80,13 @@ class AdaptiveTreeBudget:
         self.tokens = {n: [0.0, 0.0, 0.0] for n in self.budgets}
         """Per budget: discounted (accepted tokens, row-steps, sum over row-steps of accepted squared)."""
         self.cost: dict[int, dict[int, list[float]]] = {}
-        """Per batch bucket and budget: [EMA seconds, steps measured]."""
+        """Per batch bucket and budget: [EMA seconds, steps measured] of steps at that budget on every row."""
+        self.probe_cost: dict[int, dict[int, list[float]]] = {}
+        """The same for probe steps (one row at the budget, the others at 0; batch > 1 only)."""
+        self.probes = 0
+        """Probe steps taken."""
+        self.probing = False
+        """Whether the budget ``choose`` returned last is a probe (one row at it)."""
         self.chosen: list[int] = []
         """The budget of every step (for reports)."""
         self._pending: int | None = None
@@ -93,12 +107,27 @@ class AdaptiveTreeBudget:
         sd = max(sq / steps - mean * mean, 0.0) ** 0.5
         return min(1.0 + n, 1.0 + mean + 2.0 * sd / steps ** 0.5 + 1.0 / steps)
 
+    def step_cost(self, batch: int, n: int) -> float | None:
+        """Seconds of a step at budget ``n`` on every row at this batch size: measured, else predicted from
+        probes (module doc), else None."""
+        cells = self.cost.get(bucket(batch), {})
+        if cells.get(n, [0.0, 0])[1]:
+            return cells[n][0]
+        probe, base = self.probe_cost.get(bucket(batch), {}).get(n), cells.get(0)
+        if probe and probe[1] and base and base[1]:
+            return base[0] + batch * max(probe[0] - base[0], 0.0)
+        return None
+
     def choose(self, batch: int) -> int:
+        self.probing = False
         cells = self.cost.setdefault(bucket(batch), {})
-        for n in self.budgets:  # probe every budget first
-            if cells.get(n, [0.0, 0])[1] < self.config.probe_steps:
+        probes = self.probe_cost.setdefault(bucket(batch), {})
+        for n in self.budgets:  # probe every budget first (budget 0 on every row, the others on one row)
+            if cells.get(n, [0.0, 0])[1] + probes.get(n, [0.0, 0])[1] < self.config.probe_steps:
+                self.probing = n > 0 and batch > 1
                 return n
-        rate = {n: self.expected_tokens(n) / cells[n][0] for n in self.budgets}
+        cost = {n: self.step_cost(batch, n) for n in self.budgets}
+        rate = {n: self.expected_tokens(n) / cost[n] for n in self.budgets}
         best = 0
         for n in self.budgets:
             if rate[n] > rate[best] * (1 + self.config.min_gain):
@@ -106,22 +135,33 @@ class AdaptiveTreeBudget:
         if self.rng.random() < self.config.epsilon:
             i = self.budgets.index(best) + self.rng.choice((-1, 1))
             other = self.budgets[min(max(i, 0), len(self.budgets) - 1)]
-            if other < best or (other > best and self.optimistic_tokens(other) / cells[other][0] > rate[best]):
+            if other < best or (other > best and self.optimistic_tokens(other) / cost[other] > rate[best]):
                 self.explored += 1
                 return other
         return best
 
     def __call__(self, seqs: list[Sequence]) -> list[int]:
         n = self.choose(len(seqs))
-        self._pending = n
+        budgets = [0 if s.params.lookahead == 0 else n for s in seqs]
+        if self.probing:
+            free = [b for b, s in enumerate(seqs) if s.params.lookahead != 0]
+            budgets = [0] * len(seqs)
+            if free:
+                budgets[min(free, key=lambda b: seqs[b].slot)] = n
+                self.probes += 1
+            else:
+                n, self.probing = 0, False
+        self._pending = (n, self.probing, [b > 0 for b in budgets])
         self.chosen.append(n)
-        return [0 if s.params.lookahead == 0 else n for s in seqs]
+        return budgets
 
     def observe(self, batch: int, budget: int, seconds: float, accepted: int, rows: int,
-                square: float | None = None) -> None:
-        """One step at ``budget``: its wall time, accepted tokens over its ``rows``, and the sum over rows of
-        accepted squared (``square``; None: as if every row accepted the mean)."""
-        cell = self.cost.setdefault(bucket(batch), {}).setdefault(budget, [seconds, 0])
+                square: float | None = None, probe: bool = False) -> None:
+        """One step at ``budget``: its wall time, accepted tokens over its ``rows`` (those that ran the
+        budget), and the sum over them of accepted squared (``square``; None: as if every row accepted the
+        mean). ``probe``: one row ran the budget, the others plain (timed apart, see ``step_cost``)."""
+        table = self.probe_cost if probe else self.cost
+        cell = table.setdefault(bucket(batch), {}).setdefault(budget, [seconds, 0])
         a = self.config.cost_ema if cell[1] else 1.0
         cell[0] = (1 - a) * cell[0] + a * seconds
         cell[1] += 1
@@ -150,13 +190,18 @@ class AdaptiveTreeBudget:
                 self._version = decoder.policy_version
                 self.forget(0.5)
             a0 = [s.accepted_tokens for s in seqs]
+            c0 = decoder.catch_up_s
             t0 = time.perf_counter()
             inner(engine, seqs)
             seconds = time.perf_counter() - t0
-            budget, self._pending = self._pending, None
-            if budget is not None:
-                acc = [s.accepted_tokens - a for s, a in zip(seqs, a0)]
-                self.observe(len(seqs), budget, max(seconds, 1e-9), sum(acc), len(seqs), sum(a * a for a in acc))
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                budget, probe, ran = pending
+                if probe:  # a probe stands for a batch of trees: the one row's switching cost is not theirs
+                    seconds -= decoder.catch_up_s - c0
+                acc = [s.accepted_tokens - a for s, a, r in zip(seqs, a0, ran) if r or not budget]
+                self.observe(len(seqs), budget, max(seconds, 1e-9), sum(acc), len(acc), sum(a * a for a in acc),
+                             probe=probe)
 
         decoder.decode = decode
         decoder.lookahead_fn = self
