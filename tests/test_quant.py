@@ -135,6 +135,32 @@ def test_quantized_tiny_target_paths_agree_and_speculation_is_lossless(kind):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_long_verify_chain_equals_its_decode_steps_bit_for_bit(dtype):
+    """Chains longer than 8 tokens (up to ``NATIVE_ATTENTION_MAX_TOKENS``) run the native path as a
+    one-token step does; until session 14 they took the step-by-step path and differed from decoding."""
+    if not quant.available():
+        pytest.skip("native kernels are not built on this machine")
+    from aurora_rl.models.target import NATIVE_ATTENTION_MAX_TOKENS
+
+    model, _ = tiny_target("llama", dtype=dtype)
+    quantize_target(model, "q4_1")
+    g = torch.Generator().manual_seed(7)
+    ctx = torch.randint(0, model.config.vocab_size, (1, 5), generator=g)
+    for T in (9, 16, NATIVE_ATTENTION_MAX_TOKENS):
+        cache, slot = model.new_cache(1, 128), torch.tensor([0])
+        model(ctx, torch.arange(5)[None], cache, slot)
+        ids = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
+        steps = []
+        for t in range(T):
+            cache.lengths[0] = 5 + t
+            steps.append(model(ids[:, t:t + 1], torch.tensor([[5 + t]]), cache, slot).logits[0, 0])
+        cache.lengths[0] = 5
+        chain = model(ids, (5 + torch.arange(T))[None], cache, slot).logits[0]
+        assert torch.equal(chain, torch.stack(steps)), f"{T} tokens"
+
+
+@pytest.mark.unit
 def test_bad_quant_choice_names_the_options(tmp_path):
     from aurora_rl.config import ModelSection, RunConfig, validate
 

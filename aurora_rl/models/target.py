@@ -36,9 +36,17 @@ class TargetOutput:
     """Outputs of ``config.tap_layers`` concatenated: [B, T, len(tap_layers) * H]."""
 
 
-NATIVE_ATTENTION_MAX_TOKENS = 8
-"""Passes with at most this many tokens per row (decode, verify) use the native attention kernel;
-longer ones (prefill) use SDPA, which amortises better over many queries."""
+NATIVE_ATTENTION_MAX_TOKENS = 64
+"""Passes with at most this many tokens per row (decode, verify, short prefills) run natively (fused
+layer, native attention); longer ones (prefill) take the step-by-step path with SDPA. Every verify pass
+up to this length computes each row as the one-token decode step does, so on the quantized target a
+verify pass equals the decode steps it replaces bit for bit. On an AMD EPYC with AVX512-BF16
+(``experiments/chain_pass_native_vs_stepwise.py``) native beat the step-by-step path 1.5-1.8x at
+9-16 tokens and 1.2-1.3x at 64; until session 14 the limit was 8, so chains of 9 or more tokens ran
+slower and not bit-identical to decoding."""
+
+RAGGED_MAX_TOKENS = 8
+"""Rows of at most this many tokens may be packed one token per row (``runs_ragged``)."""
 
 NATIVE_TREE_MAX_TOKENS = 64
 """Token-tree verify passes take the native kernel up to this many nodes per row (the tree mask's
@@ -246,7 +254,7 @@ class TargetModel(nn.Module):
         every row's key and value before any row attends, so a row sees its own request's earlier tokens
         of the same pass. Only for short rows (decode, verify): a prefill keeps SDPA's causal path."""
         k = cache.k[0]
-        return (tokens_per_row <= NATIVE_ATTENTION_MAX_TOKENS and k.dtype == self.dtype
+        return (tokens_per_row <= RAGGED_MAX_TOKENS and k.dtype == self.dtype
                 and cpu_kernels.attention_supported(k))
 
     @torch.inference_mode()
