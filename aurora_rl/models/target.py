@@ -41,7 +41,7 @@ NATIVE_ATTENTION_MAX_TOKENS = 64
 layer, native attention); longer ones (prefill) take the step-by-step path with SDPA. Every verify pass
 up to this length computes each row as the one-token decode step does, so on the quantized target a
 verify pass equals the decode steps it replaces bit for bit. On an AMD EPYC with AVX512-BF16
-(``experiments/chain_pass_native_vs_stepwise.py``) native beat the step-by-step path 1.5-1.8x at
+(``experiments/chain_pass_native_vs_stepwise.py``) native beat the step-by-step path 1.2-1.8x at
 9-16 tokens and 1.2-1.3x at 64; until session 14 the limit was 8, so chains of 9 or more tokens ran
 slower and not bit-identical to decoding."""
 
