@@ -276,3 +276,18 @@ def test_logsumexp_matches_torch_including_nan_infinities_and_temperature(dtype,
             want = torch.logsumexp(case.float() * scale, -1)
             assert got.dtype == torch.float32 and got.shape == want.shape
             torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-5, equal_nan=True)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_logsumexp_in_one_call_equals_the_two_calls(dtype):
+    assert cpu_kernels.available()
+    g = torch.Generator().manual_seed(5)
+    x = (4 * torch.randn(3, 4099, generator=g)).to(dtype)
+    x[1, 7] = float("nan")
+    x[2, -1] = float("inf")
+    for scale in (1.0, 1 / 0.7):
+        idx, lse = cpu_kernels.argmax_logsumexp(x, scale)
+        assert torch.equal(idx, x.argmax(-1)) and torch.equal(idx, cpu_kernels.argmax(x))
+        torch.testing.assert_close(lse, cpu_kernels.logsumexp(x, scale), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(lse, torch.logsumexp(x.float() * scale, -1), rtol=2e-6, atol=2e-5, equal_nan=True)

@@ -161,6 +161,32 @@ def test_a_long_verify_chain_equals_its_decode_steps_bit_for_bit(dtype):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("kind", [None, "q4_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_taps_written_by_the_next_fused_layer_equal_the_added_sums(kind, dtype):
+    """On the fused path a tap (the output x + pending of a tap layer) is written by the next layer's
+    kernel as it forms its input (``sum_out``); it must be the add it replaces, bit for bit, and a tap
+    of the last layer (no next layer) still comes from an add."""
+    if not quant.available():
+        pytest.skip("native kernels are not built on this machine")
+    model, _ = tiny_target("llama", dtype=dtype)
+    if kind:
+        quantize_target(model, kind)
+    L = model.config.num_layers
+    model._tap_layers = (0, L - 2, L - 1)  # the last one has no next layer to write it
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 3), generator=g)
+    pos = torch.arange(3).repeat(2, 1)
+    slots = torch.tensor([0, 1])
+    assert model._tap_plan(True)[0] == {1: 0, L - 1: 1}  # two taps by the kernels, the last by an add
+    got = model(ids, pos, model.new_cache(2, 16), slots).taps
+    plan = model._tap_plan
+    model._tap_plan = lambda fused: plan(False)  # every tap by an add, on the same fused layers
+    ref = model(ids, pos, model.new_cache(2, 16), slots).taps
+    assert got.shape == (2, 3, 3 * model.config.hidden_size) and torch.equal(got, ref)
+
+
+@pytest.mark.unit
 def test_bad_quant_choice_names_the_options(tmp_path):
     from aurora_rl.config import ModelSection, RunConfig, validate
 

@@ -87,8 +87,7 @@ def served_stats(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """
     temperature = 1.0 if params.greedy else params.temperature
     if params.greedy or (params.top_p >= 1.0 and not params.top_k):
-        logz = cpu_kernels.logsumexp(logits, 1.0 / temperature)  # every served row pays this: one native pass
-        return torch.stack([logz, torch.full_like(logz, float("-inf")), logz], -1)
+        return _uncut_stats(cpu_kernels.logsumexp(logits, 1.0 / temperature))  # every served row: one native pass
     z = logits.float() / temperature
     logz = torch.logsumexp(z, -1)
     kept = processed_probs(logits, params) > 0
@@ -109,9 +108,13 @@ def served_stats_rows(logits: torch.Tensor, params: list[SamplingParams]) -> tor
             out[b] = served_stats(logits[b : b + 1], p)[0]
     for temperature, rows in simple.items():
         sel = logits if len(rows) == logits.shape[0] else logits[rows]
-        logz = cpu_kernels.logsumexp(sel, 1.0 / temperature)
-        out[rows] = torch.stack([logz, torch.full_like(logz, float("-inf")), logz], -1)
+        out[rows] = _uncut_stats(cpu_kernels.logsumexp(sel, 1.0 / temperature))
     return out
+
+
+def _uncut_stats(logz: torch.Tensor) -> torch.Tensor:
+    """Served stats [R, 3] of rows whose distribution cuts nothing, from their normalisers ``logz`` [R]."""
+    return torch.stack([logz, torch.full_like(logz, float("-inf")), logz], -1)
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -128,3 +131,15 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
     for row, (p, g) in enumerate(zip(params, generators)):
         out.append(argmax[row] if p.greedy else int(sample_from(processed_probs(logits[row], p), g)))
     return out
+
+
+def sample_with_stats(logits: torch.Tensor, params: list[SamplingParams],
+                      generators: list[torch.Generator | None]) -> tuple[list[int], torch.Tensor]:
+    """(``sample_tokens``, ``served_stats_rows``) of a plain step's logits [B, V]. When every row is greedy
+    (the common serving case) the tokens and the normalisers come from one native pass per row
+    (``cpu_kernels.argmax_logsumexp``): a recorded plain step then reads its logits once, as plain
+    decoding does."""
+    if all(p.greedy for p in params):
+        idx, logz = cpu_kernels.argmax_logsumexp(logits)
+        return idx.tolist(), _uncut_stats(logz)
+    return sample_tokens(logits, params, generators), served_stats_rows(logits, params)

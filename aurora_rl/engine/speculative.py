@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from aurora_rl.engine.chain_proposer import ChainProposer
-from aurora_rl.engine.sampling import sample_tokens
+from aurora_rl.engine.sampling import sample_tokens, sample_with_stats
 from aurora_rl.engine.sequence import Sequence
 from aurora_rl.engine.spec_math import Verdict
 from aurora_rl.engine.token_tree import MAX_TREE_NODES, TokenTree
@@ -215,8 +215,11 @@ class SpecDecoder:
         root-only tree, one tree per step as its other steps have). No verify bookkeeping, no tree pass."""
         starts = [int(engine.runner.lengths[s.slot]) for s in seqs]
         out = engine.runner.extend([s.slot for s in seqs], [[s.last_token] for s in seqs], with_taps=True)
-        tokens = sample_tokens(out.logits[:, 0], [s.params for s in seqs], [s.generator for s in seqs])
-        stats = self.traces.plain_stats(seqs, out.logits[:, 0])  # every row's in one call
+        logits, params, generators = out.logits[:, 0], [s.params for s in seqs], [s.generator for s in seqs]
+        if self.traces.records_any(seqs):  # tokens and every row's served stats from one read of the logits
+            tokens, stats = sample_with_stats(logits, params, generators)
+        else:
+            tokens, stats = sample_tokens(logits, params, generators), None
         dt = time.perf_counter() - t0
         for b, (seq, tok) in enumerate(zip(seqs, tokens)):
             self.proposer.defer(seq.slot, starts[b], [tok], out.taps[b])

@@ -12,7 +12,6 @@ from typing import Callable
 
 import torch
 
-from aurora_rl.engine.sampling import served_stats_rows
 from aurora_rl.engine.sequence import Sequence, Status
 from aurora_rl.engine.token_tree import TokenTree
 from aurora_rl.engine.trace import Trace, TraceRecorder, TraceStatus
@@ -35,12 +34,10 @@ class TraceCapture:
         rec = self._open[seq.request_id] = TraceRecorder(self.dtype, seq.params)
         rec.add_positions(taps, hidden, logits)
 
-    def plain_stats(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
-        """The served stats of a plain step's rows (``logits`` [B, V]) in one batched call; None when no
-        row is recorded."""
-        if not self.enabled or not any(s.request_id in self._open for s in seqs):
-            return None
-        return served_stats_rows(logits, [s.params for s in seqs])
+    def records_any(self, seqs: list[Sequence]) -> bool:
+        """Whether any of ``seqs`` has an open trace (a plain step then computes its rows' served stats in
+        one batched call, ``sampling.sample_with_stats``)."""
+        return self.enabled and any(s.request_id in self._open for s in seqs)
 
     def chain_step(self, seq: Sequence, out, b: int, start: int, proposals: list[int], logp: list[float],
                    accepted: int, version: int, seconds: float, copied: bool,

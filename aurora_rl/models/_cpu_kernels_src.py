@@ -7,8 +7,8 @@ the compiler targets them (``-march=native``). Every exported function exists fo
 - ``aurora_attn`` (+ ``aurora_attn_bf16_dp``): attention of a few queries per row over the slot cache.
 - ``aurora_add_rmsnorm``, ``aurora_silu_mul``, ``aurora_rope_write``: the elementwise steps.
 - ``aurora_layer``: one decoder layer made of the above; ``aurora_draft_layer``: the EAGLE3 draft's.
-- ``aurora_argmax``: the index of each row's largest value (torch.argmax's rule, ~30x faster on bf16).
-- ``aurora_logsumexp``: log sum exp(scale * x) of each row (the served distribution's normaliser).
+- ``aurora_argmax_lse``: the index of each row's largest value (torch.argmax's rule, ~30x faster on
+  bf16) and/or log sum exp(scale * x) of each row (the served distribution's normaliser), in one call.
 """
 
 SOURCE = r"""
@@ -697,18 +697,26 @@ static inline void add_bias_f32(float *y, const float *b, int64_t n) { for (int6
     T *h = work, *qkv = h + M * (QW), *q = qkv + M * W, *att = q + M * A, *o = att + M * A;           \
     T *gu = o + M * H, *act = gu + M * 2 * I;
 
+/* A layer's input: resid = x + pending (rounded to T, as transformers adds the residual stream), h its
+   norm. With ``sum_out`` the sum (the previous layer's output, an EAGLE3 tap) is also copied there, row r
+   at sum_out + r * ld_sum: the taps come out of the pass with no extra add. */
+#define LAYER_INPUT_SUM(SUFFIX, T)                                                                    \
+    if (pending) aurora_add_rmsnorm##SUFFIX(x, pending, resid, h, in_w, M, H, eps, threads);          \
+    else { memcpy(resid, x, (size_t)(M * H) * sizeof(T));                                             \
+           aurora_add_rmsnorm##SUFFIX(resid, NULL, NULL, h, in_w, M, H, eps, threads); }              \
+    if (sum_out)                                                                                      \
+        for (int64_t r = 0; r < M; r++) memcpy(sum_out + r * ld_sum, resid + r * H, (size_t)H * sizeof(T));
+
 #define LAYER_KERNEL(SUFFIX, T, ATTN)                                                                 \
 void aurora_layer##SUFFIX(const T *x, const T *pending, T *resid, T *mlp_out, const T *in_w,          \
                           const T *post_w, const T *w_qkv, const T *b_qkv, const T *w_o, const T *w_gu, \
                           const T *w_down, const T *cos, const T *sin, const int64_t *pos,            \
                           const int64_t *cidx, const uint64_t *tmask, const int64_t *slots,          \
-                          T *kc, T *vc, T *work, int64_t s_slot, int64_t s_head, \
+                          T *kc, T *vc, T *work, T *sum_out, int64_t s_slot, int64_t s_head,         \
                           int64_t B, int64_t Tq, int64_t nh, int64_t nkv, int64_t hd, int64_t H,      \
-                          int64_t I, int64_t kv_len, float eps, int threads) {                        \
+                          int64_t I, int64_t kv_len, int64_t ld_sum, float eps, int threads) {        \
     LAYER_SCRATCH(T, H)                                                                               \
-    if (pending) aurora_add_rmsnorm##SUFFIX(x, pending, resid, h, in_w, M, H, eps, threads);          \
-    else { memcpy(resid, x, (size_t)(M * H) * sizeof(T));                                             \
-           aurora_add_rmsnorm##SUFFIX(resid, NULL, NULL, h, in_w, M, H, eps, threads); }              \
+    LAYER_INPUT_SUM(SUFFIX, T)                                                                        \
     LAYER_TAIL(SUFFIX, ATTN, H)                                                                       \
 }                                                                                                     \
 /* The EAGLE3 draft's layer: qkv reads [emb_norm(emb) | hid_norm(hid)] (2H wide); the residual stream \
@@ -741,17 +749,21 @@ int aurora_has_avx512bf16(void) {
 #endif
 }
 
-/* ---- argmax over the vocabulary ----------------------------------------------------------------------
-   out[r] = the index of the first largest value of row r of x [rows, n], a NaN counting as larger than
-   any number (the first NaN wins), as torch.argmax. One pass: each lane keeps its first maximum and its
-   index, then the lowest index among the lanes holding the row's maximum wins. (torch's own argmax takes
-   ~4 ns a bf16 element here; a verify pass takes 13 rows of 49152.) */
-#define ARGMAX_KERNEL(NAME, T, LOAD, TOF)                                                             \
-void NAME(const T *x, int64_t *out, int64_t rows, int64_t n, int threads) {                           \
+/* ---- argmax and logsumexp over the vocabulary, in one call -----------------------------------------
+   For each row r of x [rows, n]: idx[r] = the index of the first largest value, a NaN counting as larger
+   than any number (the first NaN wins), as torch.argmax; lse[r] = log sum_j exp(scale * x[r, j]) for
+   scale > 0, as torch.logsumexp (NaN if the row holds a NaN, m when its maximum m is infinite: +inf, or
+   -inf for a row of -inf). Either output may be NULL. Pass one keeps each lane's first maximum and its
+   index (the lowest index among the lanes holding the row's maximum wins); pass two, only for lse, sums
+   exp(scale * (x - m)) in float32 while the row is still in cache. A served step needs both (the greedy
+   token, its trace's normaliser): one call reads the logits once. (torch's argmax takes ~4 ns a bf16
+   element here, its logsumexp ~90 us a row of 49152.) */
+#define ARGMAX_LSE_KERNEL(NAME, T, LOAD, TOF)                                                         \
+void NAME(const T *x, int64_t *idx, float *lse, int64_t rows, int64_t n, float scale, int threads) {  \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows * n >= (1 << 20))")       \
     for (int64_t r = 0; r < rows; r++) {                                                              \
         const T *xr = x + r * n;                                                                      \
-        const int64_t nb = n < ((int64_t)1 << 31) ? (n & ~(int64_t)15) : 0;                          \
+        const int64_t nb = n < ((int64_t)1 << 31) ? (n & ~(int64_t)15) : 0;  /* int32 lane indices */ \
         v16f mv = (v16f){0} - __builtin_inff();                                                       \
         v16i iv = (v16i){0}, jv = (v16i){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};          \
         v16u nan = (v16u){0};                                                                         \
@@ -775,52 +787,26 @@ void NAME(const T *x, int64_t *out, int64_t rows, int64_t n, int threads) {     
             if (v != v) any_nan = 1;                                                                  \
             else if (v > m || (j == 0)) { m = v; best = j; }                                          \
         }                                                                                             \
-        if (any_nan) { best = 0; while (TOF(xr[best]) == TOF(xr[best])) best++; }                     \
-        out[r] = best;                                                                                \
-    }                                                                                                 \
-}
-ARGMAX_KERNEL(aurora_argmax_bf16, uint16_t, load16_bf16, bf16_to_f32)
-ARGMAX_KERNEL(aurora_argmax_f32, float, load16_f32, same_f32)
-
-/* ---- logsumexp over the vocabulary -------------------------------------------------------------------
-   out[r] = log sum_j exp(scale * x[r, j]) for scale > 0, in two passes (the row's maximum m, then the sum
-   of exp(scale * (x - m)) in float32), as torch.logsumexp: NaN if the row holds a NaN, m when m is
-   infinite (+inf, or -inf for a row of -inf). Every served token's trace row needs it; torch's took
-   ~90 us a row of 49152 here. */
-#define LSE_KERNEL(NAME, T, LOAD, TOF)                                                                \
-void NAME(const T *x, float *out, int64_t rows, int64_t n, float scale, int threads) {                \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if(rows * n >= (1 << 20))")       \
-    for (int64_t r = 0; r < rows; r++) {                                                              \
-        const T *xr = x + r * n;                                                                      \
-        const int64_t nb = n & ~(int64_t)15;                                                          \
-        v16f mv = (v16f){0} - __builtin_inff();                                                       \
-        v16u nan = (v16u){0};                                                                         \
-        for (int64_t j = 0; j < nb; j += 16) {                                                        \
-            const v16f v = LOAD(xr + j);                                                              \
-            nan |= (v16u)(v != v);                                                                    \
-            mv = vselect((v16u)(v > mv), v, mv);                                                      \
+        if (idx) {                                                                                    \
+            if (any_nan) { best = 0; while (TOF(xr[best]) == TOF(xr[best])) best++; }                 \
+            idx[r] = best;                                                                            \
         }                                                                                             \
-        float m = -__builtin_inff();                                                                  \
-        int any_nan = 0;                                                                              \
-        for (int l = 0; l < 16; l++) { any_nan |= nan[l] != 0; if (mv[l] > m) m = mv[l]; }            \
-        for (int64_t j = nb; j < n; j++) {                                                            \
-            const float v = TOF(xr[j]);                                                               \
-            if (v != v) any_nan = 1; else if (v > m) m = v;                                           \
-        }                                                                                             \
-        if (any_nan) { out[r] = __builtin_nanf(""); continue; }                                       \
-        if (m == __builtin_inff() || m == -__builtin_inff()) { out[r] = m; continue; }                \
+        if (!lse) continue;                                                                           \
+        if (any_nan) { lse[r] = __builtin_nanf(""); continue; }                                       \
+        if (m == __builtin_inff() || m == -__builtin_inff()) { lse[r] = m; continue; }                \
         const float sm = scale * m;                                                                   \
+        const int64_t ne = n & ~(int64_t)15;                                                          \
         v16f acc = (v16f){0};                                                                         \
-        for (int64_t j = 0; j < nb; j += 16) acc += vexp(LOAD(xr + j) * scale - sm);                  \
+        for (int64_t j = 0; j < ne; j += 16) acc += vexp(LOAD(xr + j) * scale - sm);                  \
         float s = hsum(acc);                                                                          \
-        for (int64_t j = nb; j < n; j++) {                                                            \
+        for (int64_t j = ne; j < n; j++) {                                                            \
             v16f t = (v16f){0} - 100.f;                                                               \
             t[0] = TOF(xr[j]) * scale - sm;                                                           \
             s += vexp(t)[0];                                                                          \
         }                                                                                             \
-        out[r] = sm + __builtin_logf(s);                                                              \
+        lse[r] = sm + __builtin_logf(s);                                                              \
     }                                                                                                 \
 }
-LSE_KERNEL(aurora_logsumexp_bf16, uint16_t, load16_bf16, bf16_to_f32)
-LSE_KERNEL(aurora_logsumexp_f32, float, load16_f32, same_f32)
+ARGMAX_LSE_KERNEL(aurora_argmax_lse_bf16, uint16_t, load16_bf16, bf16_to_f32)
+ARGMAX_LSE_KERNEL(aurora_argmax_lse_f32, float, load16_f32, same_f32)
 """

@@ -274,13 +274,11 @@ void aurora_qlayer##SUFFIX(const T *x, const T *pending, T *resid, T *mlp_out, c
                            const uint8_t *w_gu, const uint8_t *w_down, const int64_t *kinds,          \
                            const T *cos, const T *sin, const int64_t *pos, const int64_t *cidx,     \
                            const uint64_t *tmask, const int64_t *slots, T *kc, T *vc, T *work,         \
-                           int64_t s_slot, int64_t s_head, int64_t B, int64_t Tq,     \
+                           T *sum_out, int64_t s_slot, int64_t s_head, int64_t B, int64_t Tq,         \
                            int64_t nh, int64_t nkv, int64_t hd, int64_t H, int64_t I, int64_t kv_len, \
-                           float eps, int threads) {                                                  \
+                           int64_t ld_sum, float eps, int threads) {                                  \
     LAYER_SCRATCH(T, H)                                                                               \
-    if (pending) aurora_add_rmsnorm##SUFFIX(x, pending, resid, h, in_w, M, H, eps, threads);          \
-    else { memcpy(resid, x, (size_t)(M * H) * sizeof(T));                                             \
-           aurora_add_rmsnorm##SUFFIX(resid, NULL, NULL, h, in_w, M, H, eps, threads); }              \
+    LAYER_INPUT_SUM(SUFFIX, T)                                                                        \
     aurora_qgemv##SUFFIX(w_qkv, (int)kinds[0], h, qkv, M, W, H, H, W, threads);                       \
     if (b_qkv) for (int64_t r = 0; r < M; r++) add_bias##SUFFIX(qkv + r * W, b_qkv, W);                \
     aurora_rope_write##SUFFIX(qkv, cos, sin, pos, cidx, slots, q, kc, vc, s_slot, s_head, M, Tq, nh, nkv, \

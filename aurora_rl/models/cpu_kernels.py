@@ -63,10 +63,9 @@ _SIGNATURES = {  # C function (one per dtype: _bf16, _f32) -> argument types; th
     "aurora_add_rmsnorm": [_P] * 5 + [_I, _I, _F, _T],
     "aurora_silu_mul": [_P, _P, _I, _I, _T],
     "aurora_rope_write": [_P] * 9 + [_I] * 7 + [_T],
-    "aurora_layer": [_P] * 20 + [_I] * 10 + [_F, _T],
+    "aurora_layer": [_P] * 21 + [_I] * 11 + [_F, _T],
     "aurora_draft_layer": [_P] * 20 + [_I] * 10 + [_F, _T],
-    "aurora_argmax": [_P, _P, _I, _I, _T],
-    "aurora_logsumexp": [_P, _P, _I, _I, _F, _T],
+    "aurora_argmax_lse": [_P, _P, _P, _I, _I, _F, _T],
 }
 
 
@@ -355,30 +354,45 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slo
                       tree_mask)
 
 
+def _native_row_op(x: torch.Tensor, scale: float = 1.0) -> bool:
+    return (available() and x.dtype in _FLOATS and x.device.type == "cpu" and x.numel() > 0 and x.dim() > 0
+            and scale > 0)
+
+
+def _argmax_lse(x: torch.Tensor, want_idx: bool, want_lse: bool, scale: float) -> tuple:
+    x = x.contiguous()
+    idx = torch.empty(x.shape[:-1], dtype=torch.int64) if want_idx else None
+    lse = torch.empty(x.shape[:-1], dtype=torch.float32) if want_lse else None
+    _kernels().fn("aurora_argmax_lse", x.dtype)(x.data_ptr(), 0 if idx is None else idx.data_ptr(),
+                                                0 if lse is None else lse.data_ptr(), x.numel() // x.shape[-1],
+                                                x.shape[-1], float(scale), _threads())
+    return idx, lse
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` (int64; the first maximum, a NaN counting as the largest) for a CPU float32 or
     bfloat16 ``x``; torch's own where the kernels cannot take it or decoding leaves them off."""
-    if not available() or x.dtype not in _FLOATS or x.device.type != "cpu" or x.numel() == 0 or x.dim() == 0:
+    if not _native_row_op(x):
         return x.argmax(-1)
-    x = x.contiguous()
-    out = torch.empty(x.shape[:-1], dtype=torch.int64)
-    _kernels().fn("aurora_argmax", x.dtype)(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
-                                            _threads())
-    return out
+    return _argmax_lse(x, True, False, 1.0)[0]
 
 
 def logsumexp(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``torch.logsumexp(scale * x.float(), -1)`` (float32) for a CPU float32 or bfloat16 ``x`` and
     ``scale`` > 0: one native pass for the maximum, one for the sum; torch's where the kernels cannot
     take it or decoding leaves them off."""
-    if (not available() or x.dtype not in _FLOATS or x.device.type != "cpu" or x.numel() == 0 or x.dim() == 0
-            or not scale > 0):
+    if not _native_row_op(x, scale):
         return torch.logsumexp(x.float() * scale, -1)
-    x = x.contiguous()
-    out = torch.empty(x.shape[:-1], dtype=torch.float32)
-    _kernels().fn("aurora_logsumexp", x.dtype)(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
-                                               x.shape[-1], float(scale), _threads())
-    return out
+    return _argmax_lse(x, False, True, scale)[1]
+
+
+def argmax_logsumexp(x: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``argmax(x)``, ``logsumexp(x, scale)``) in one native call: the row is read from memory once (a
+    served step needs both, the greedy token and its trace's normaliser); torch's where the kernels
+    cannot take it."""
+    if not _native_row_op(x, scale):
+        return x.argmax(-1), torch.logsumexp(x.float() * scale, -1)
+    return _argmax_lse(x, True, True, scale)
 
 
 # ---- elementwise steps ------------------------------------------------------------------------------
@@ -452,14 +466,16 @@ def decoder_layer(x: torch.Tensor, pending: torch.Tensor | None, resid: torch.Te
                   weights: tuple, rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor,
                   slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
                   work: torch.Tensor, shape: tuple[int, int, int, int, int], eps: float,
-                  tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                  tree: tuple[torch.Tensor, torch.Tensor] | None = None, sum_out: torch.Tensor | None = None) -> None:
     """One Llama/Qwen2 decoder layer for x [B, T, H] (few tokens per row): writes the residual stream
     ``resid`` = x + pending + attention and ``mlp_out`` (its MLP output, added by the caller or fused
     into the next layer's norm), and this layer's keys/values into the cache. ``weights`` = (input norm,
     post norm, packed qkv, qkv bias or None, packed o, packed gate_up, packed down); ``shape`` =
     (num_heads, num_kv_heads, head_dim, hidden, intermediate). The same kernels, in the same order and
     with the same rounding, as the step-by-step path. ``tree`` = (cache index, tree mask), both [B, T]
-    int64 contiguous, as ``rope_write`` and ``attention`` take them."""
+    int64 contiguous, as ``rope_write`` and ``attention`` take them. ``sum_out`` [B, T, H] (its rows may be
+    spaced, e.g. a slice of the taps tensor) receives the layer's input x + pending as rounded for the
+    residual stream: the previous layer's output, with no add of its own."""
     in_w, post_w, w_qkv, b_qkv, w_o, w_gu, w_down = weights
     nh, nkv, hd, hidden, inter = shape
     B, T, _ = x.shape
@@ -468,8 +484,18 @@ def decoder_layer(x: torch.Tensor, pending: torch.Tensor | None, resid: torch.Te
         in_w.data_ptr(), post_w.data_ptr(), w_qkv.data_ptr(), None if b_qkv is None else b_qkv.data_ptr(),
         w_o.data_ptr(), w_gu.data_ptr(), w_down.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
         positions.data_ptr(), *tree_pointers(tree), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        work.data_ptr(), k_cache.stride(0), k_cache.stride(1), B, T, nh, nkv, hd, hidden, inter, kv_len, eps,
-        _threads())
+        work.data_ptr(), sum_pointer(sum_out, x), k_cache.stride(0), k_cache.stride(1), B, T, nh, nkv, hd, hidden,
+        inter, kv_len, 0 if sum_out is None else sum_out.stride(1), eps, _threads())
+
+
+def sum_pointer(sum_out: torch.Tensor | None, x: torch.Tensor) -> int | None:
+    """The layer kernels' ``sum_out`` pointer (its row stride, ``sum_out.stride(1)``, goes after ``kv_len``):
+    [B, T, H] like ``x``, unit stride along H, rows evenly spaced."""
+    if sum_out is None:
+        return None
+    assert sum_out.shape == x.shape and sum_out.dtype == x.dtype and sum_out.stride(2) == 1, sum_out.shape
+    assert sum_out.stride(0) == x.shape[1] * sum_out.stride(1), sum_out.stride()
+    return sum_out.data_ptr()
 
 
 def tree_pointers(tree: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[int | None, int | None]:

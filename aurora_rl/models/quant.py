@@ -48,7 +48,7 @@ _GROUP_BYTES = {"q8_0": 544, "q4_1": 320}
 _P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "aurora_qgemv": [_P, _T, _P, _P] + [_I] * 5 + [_T],
-    "aurora_qlayer": [_P] * 21 + [_I] * 10 + [_F, _T],
+    "aurora_qlayer": [_P] * 22 + [_I] * 11 + [_F, _T],
 }
 
 
@@ -294,10 +294,10 @@ def decoder_layer(x: torch.Tensor, pending: torch.Tensor | None, resid: torch.Te
                   weights: tuple, rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor,
                   slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
                   work: torch.Tensor, shape: tuple[int, int, int, int, int], eps: float,
-                  tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                  tree: tuple[torch.Tensor, torch.Tensor] | None = None, sum_out: torch.Tensor | None = None) -> None:
     """``cpu_kernels.decoder_layer`` with the four projections in ``weights`` as ``QuantWeight``s
-    (input norm, post norm, qkv, qkv bias or None, o, gate_up, down); same arguments (token trees
-    included) and outputs."""
+    (input norm, post norm, qkv, qkv bias or None, o, gate_up, down); same arguments (token trees and
+    ``sum_out`` included) and outputs."""
     in_w, post_w, w_qkv, b_qkv, w_o, w_gu, w_down = weights
     nh, nkv, hd, hidden, inter = shape
     B, T, _ = x.shape
@@ -308,8 +308,9 @@ def decoder_layer(x: torch.Tensor, pending: torch.Tensor | None, resid: torch.Te
         w_o.packed.data_ptr(), w_gu.packed.data_ptr(), w_down.packed.data_ptr(), kinds.data_ptr(),
         rope_cos.data_ptr(), rope_sin.data_ptr(), positions.data_ptr(), *cpu_kernels.tree_pointers(tree),
         slots.data_ptr(), k_cache.data_ptr(),
-        v_cache.data_ptr(), work.data_ptr(), k_cache.stride(0), k_cache.stride(1), B, T, nh, nkv, hd, hidden, inter,
-        kv_len, eps, torch.get_num_threads())
+        v_cache.data_ptr(), work.data_ptr(), cpu_kernels.sum_pointer(sum_out, x), k_cache.stride(0), k_cache.stride(1),
+        B, T, nh, nkv, hd, hidden, inter, kv_len, 0 if sum_out is None else sum_out.stride(1), eps,
+        torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=4096)

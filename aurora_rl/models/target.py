@@ -222,7 +222,7 @@ class TargetModel(nn.Module):
         return [self._fused, streams, work]
 
     def _fused_layer(self, i: int, x: torch.Tensor, pending: torch.Tensor | None, fused: list,
-                     ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor]:
+                     ctx: PassContext, sum_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         weights, streams, work = fused
         c = self.config
         resid, mlp_out = streams[0, i], streams[1, i]
@@ -231,8 +231,21 @@ class TargetModel(nn.Module):
             x, pending, resid, mlp_out, weights[i], self.rope.cos, self.rope.sin, ctx.positions, ctx.plan.slots,
             ctx.cache.k[i], ctx.cache.v[i], ctx.plan.kv_len, work,
             (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size), c.rms_norm_eps,
-            **({} if ctx.tree is None else {"tree": (ctx.tree.cache_index, ctx.tree.mask)}))
+            **({} if ctx.tree is None else {"tree": (ctx.tree.cache_index, ctx.tree.mask)}), sum_out=sum_out)
         return resid, mlp_out
+
+    def _tap_plan(self, fused: bool) -> tuple[dict[int, int], dict[int, list[int]]]:
+        """Where each tap (index j of ``tap_layers``) comes from: {layer i + 1: j} for taps whose sum the next
+        fused layer writes straight into the taps tensor (``sum_out``), {layer i: [j, ...]} for the others
+        (added after layer i: the last layer, a repeated tap, the step-by-step path)."""
+        by_kernel: dict[int, int] = {}
+        by_add: dict[int, list[int]] = {}
+        for j, i in enumerate(self._tap_layers):
+            if fused and i + 1 < len(self.layers) and i + 1 not in by_kernel:
+                by_kernel[i + 1] = j
+            else:
+                by_add.setdefault(i, []).append(j)
+        return by_kernel, by_add
 
     batch_invariant = False
     """See ``set_batch_invariant``."""
@@ -291,22 +304,25 @@ class TargetModel(nn.Module):
             cos, sin = self.rope.gather_rows(positions)
         ctx = PassContext(cache, plan, cos, sin, mask, causal, native, positions, self.rope, tree)
         x, pending = self.embed(input_ids), None
-        layer_out: dict[int, torch.Tensor] = {}
         # the fused layer runs every projection in the gemv: only where it beats PyTorch at B * T rows
         fused = (self._fused_weights(x) if native and B * T <= cpu_kernels.max_rows() and not self.batch_invariant
                  else None)
+        H = c.hidden_size
+        taps = torch.empty(B, T, len(self._tap_layers) * H, dtype=x.dtype) if with_taps else None
+        by_kernel, by_add = self._tap_plan(fused is not None) if with_taps else ({}, {})
         for i, layer in enumerate(self.layers):
             if fused is not None:
-                x, pending = self._fused_layer(i, x, pending, fused, ctx)
+                j = by_kernel.get(i)
+                x, pending = self._fused_layer(i, x, pending, fused, ctx,
+                                               None if j is None else taps[..., j * H:(j + 1) * H])
             else:
                 x, pending = layer(x, pending, ctx, i)
-            if with_taps and i in self._tap_layers:
-                layer_out[i] = x + pending
+            for j in by_add.get(i, ()):  # the same sum, rounded as the next layer's input is
+                torch.add(x, pending, out=taps[..., j * H:(j + 1) * H])
         _, hidden = self.norm.add_forward(x, pending)
         if logit_index is not None:
             rows = hidden[:, 0] if T == 1 else hidden[torch.arange(B), logit_index]
             logits = self.lm_head(rows)
         else:
             logits = self.lm_head(hidden)
-        taps = torch.cat([layer_out[i] for i in self._tap_layers], dim=-1) if with_taps else None
         return TargetOutput(logits=logits, hidden=hidden, taps=taps)
