@@ -127,8 +127,8 @@ def test_accepted_tokens_and_rollback_keep_outputs_identical():
 class EagerProposer(ChainProposer):
     """Feeds kept positions to the draft at once (no queue): the reference for lazy feeding."""
 
-    def defer(self, slot, start, tokens, taps):
-        super().defer(slot, start, tokens, taps)
+    def defer(self, slot, start, tokens, taps, copy=True):
+        super().defer(slot, start, tokens, taps, copy)
         self.catch_up([SimpleNamespace(slot=slot)])
 
 

@@ -143,8 +143,10 @@ class ChainProposer:
             out.append(index.propose(self.copy_max_tokens))
         return out
 
-    def defer(self, slot: int, start: int, tokens: list[int], taps: torch.Tensor) -> None:
-        """Queue kept positions (``tokens`` from ``start`` on, with their target taps) for the draft."""
+    def defer(self, slot: int, start: int, tokens: list[int], taps: torch.Tensor, copy: bool = True) -> None:
+        """Queue kept positions (``tokens`` from ``start`` on, with their target taps) for the draft. The taps
+        are copied, so that a verify pass's rejected positions are not kept alive, unless ``copy`` is false
+        (a prefill's or a plain step's: every position of the pass is queued, nothing would be freed)."""
         pending = self.pending.get(slot)
         if pending is None:
             pending = self.pending[slot] = Pending(start, [], [])
@@ -152,7 +154,9 @@ class ChainProposer:
             raise RuntimeError(f"slot {slot}: queued draft positions end at {pending.start + len(pending.tokens)}, "
                                f"new ones start at {start}")
         pending.tokens += tokens
-        pending.taps.append(taps[: len(tokens)].clone())
+        if copy or taps.shape[0] != len(tokens):
+            taps = taps[: len(tokens)].clone() if copy else taps[: len(tokens)]
+        pending.taps.append(taps)
         self.state.pop(slot, None)
 
     def catch_up(self, seqs: list[Sequence]) -> None:

@@ -165,7 +165,8 @@ class SpecDecoder:
             out = engine.runner.extend([seq.slot], [seq.prompt_ids], last_only=True, with_taps=True)
             (tok,) = sample_tokens(out.logits, [seq.params], [seq.generator])
             self.traces.open(seq, out.taps[0], out.hidden[0], out.logits[:1])
-            self.proposer.defer(seq.slot, 0, seq.prompt_ids[1:] + [tok], out.taps[0, : len(seq.prompt_ids)])
+            self.proposer.defer(seq.slot, 0, seq.prompt_ids[1:] + [tok], out.taps[0, : len(seq.prompt_ids)],
+                               copy=False)
             engine.append_tokens(seq, [tok])
 
     def decode(self, engine, seqs: list[Sequence]) -> None:
@@ -213,7 +214,8 @@ class SpecDecoder:
         row as ``PlainDecoder`` makes it, plus only what the learner and a later drafting step need (the
         kept position's taps queued for the draft, the trace row; a tree decoder's trace gets the step's
         root-only tree, one tree per step as its other steps have). No verify bookkeeping, no tree pass."""
-        starts = [int(engine.runner.lengths[s.slot]) for s in seqs]
+        lengths = engine.runner.lengths.tolist()
+        starts = [lengths[s.slot] for s in seqs]
         out = engine.runner.extend([s.slot for s in seqs], [[s.last_token] for s in seqs], with_taps=True)
         logits, params, generators = out.logits[:, 0], [s.params for s in seqs], [s.generator for s in seqs]
         if self.traces.records_any(seqs):  # tokens and every row's served stats from one read of the logits
@@ -221,16 +223,17 @@ class SpecDecoder:
         else:
             tokens, stats = sample_tokens(logits, params, generators), None
         dt = time.perf_counter() - t0
+        # Per-row views in one call per tensor: a step's per-row work is list indexing, not tensor indexing.
+        taps, hidden = out.taps.unbind(0), out.hidden.unbind(0)
+        rows = [None] * len(seqs) if stats is None else stats.view(len(seqs), 1, 3).unbind(0)
         for b, (seq, tok) in enumerate(zip(seqs, tokens)):
-            self.proposer.defer(seq.slot, starts[b], [tok], out.taps[b])
+            self.proposer.defer(seq.slot, starts[b], [tok], taps[b], copy=False)
             seq.verify_steps += 1
-            row = None if stats is None else stats[b : b + 1]
             if self.tree_proposer is None:
-                self.traces.chain_step(seq, out, b, starts[b], [], [], 0, self.policy_version, dt, copied=False,
-                                       stats=row)
+                self.traces.plain_row(seq, taps[b], hidden[b], rows[b], starts[b], self.policy_version, dt)
             else:
                 self.traces.tree_step(seq, out, b, starts[b], TokenTree.rooted(seq.last_token), [], [], 0,
-                                      self.policy_version, dt, copied=False, stats=row)
+                                      self.policy_version, dt, copied=False, stats=rows[b])
             engine.append_tokens(seq, [tok])
 
     def release(self, engine, seq: Sequence) -> None:

@@ -144,8 +144,8 @@ class TraceRecorder:
                       stats: torch.Tensor | None = None) -> None:
         """Kept positions' features; ``logits`` [R, V] are the target's full logits of the last R of them
         (or ``stats`` [R, 3], their ``served_stats`` computed already: a batch's in one call)."""
-        self.taps.append(taps.to(self.dtype))
-        self.hidden.append(hidden.to(self.dtype))
+        self.taps.append(taps if taps.dtype == self.dtype else taps.to(self.dtype))
+        self.hidden.append(hidden if hidden.dtype == self.dtype else hidden.to(self.dtype))
         if stats is None and logits is not None and logits.shape[0]:
             stats = served_stats(logits, self.params)
         if stats is not None and stats.shape[0] == taps.shape[0]:

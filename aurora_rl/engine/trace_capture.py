@@ -52,6 +52,16 @@ class TraceCapture:
                           stats)
         rec.add_step(start - 1, proposals, logp, accepted, version, seconds, copied=copied)
 
+    def plain_row(self, seq: Sequence, taps: torch.Tensor, hidden: torch.Tensor, stats: torch.Tensor | None,
+                  start: int, version: int, seconds: float) -> None:
+        """A chain decoder's plain step (no proposal) for ``seq``: its one kept position's ``taps`` [1, F],
+        ``hidden`` [1, H] and served ``stats`` [1, 3], the step row with nothing proposed."""
+        rec = self._open.get(seq.request_id)
+        if rec is None:
+            return
+        rec.add_positions(taps, hidden, None, stats)
+        rec.add_step(start - 1, [], [], 0, version, seconds, copied=False)
+
     def tree_step(self, seq: Sequence, out, b: int, start: int, tree: TokenTree, path: list[int], chain: list[int],
                   accepted: int, version: int, seconds: float, copied: bool, stats: torch.Tensor | None = None) -> None:
         """Row ``b`` of a tree verify pass: the kept ``path``, the whole tree, and its chain view ``chain``
