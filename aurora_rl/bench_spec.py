@@ -47,6 +47,18 @@ COPY = "+copy"
 """Suffix of a lookahead item ("4+copy", "adaptive+copy"): proposals copied from the context where it
 repeats itself (``SpecConfig.context_copy``), the draft's elsewhere."""
 """A second plain engine in the same waves: its "speedup" over the first is the noise floor of the run."""
+TRAFFIC = "+traffic"
+"""Suffix like ``+copy`` ("adaptive+traffic", "tree+traffic"): context copies and, where the context offers
+none, traffic copies (``SpecConfig.traffic_copy``) from an index filled with the greedy outputs of
+``--traffic-warmup`` other prompts, then frozen so that repeated passes do not copy their own answers."""
+
+
+def split_suffix(item: str) -> tuple[str, bool, bool]:
+    """(base, context copies, traffic copies) of a lookahead item."""
+    for suffix, traffic in ((TRAFFIC, True), (COPY, False)):
+        if item.endswith(suffix):
+            return item.removesuffix(suffix), True, traffic
+    return item, False, False
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -63,13 +75,12 @@ class Cell:
         self.batch, self.lookahead, self.capture = batch, lookahead, capture
         self.decoder, self.controller = None, None
         if lookahead not in (None, CONTROL):
-            copy = isinstance(lookahead, str) and lookahead.endswith(COPY)
-            k = lookahead.removesuffix(COPY) if copy else lookahead
+            k, copy, traffic = split_suffix(lookahead) if isinstance(lookahead, str) else (lookahead, False, False)
             k = k if k in (ADAPTIVE, TREE, ADAPTIVE_TREE) or not isinstance(k, str) else int(k)
             tree = tree or {}
             trees = k in (TREE, ADAPTIVE_TREE)
             fixed = max_lookahead if k in (ADAPTIVE, TREE, ADAPTIVE_TREE) else k
-            cfg = SpecConfig(lookahead=fixed, capture_traces=capture, context_copy=copy,
+            cfg = SpecConfig(lookahead=fixed, capture_traces=capture, context_copy=copy, traffic_copy=traffic,
                              tree_topk=tree.get("topk", 4) if trees else 0, tree_budget=tree.get("budget", 12),
                              tree_depth=tree.get("depth", 5), copy_max_tokens=tree.get("copy_max_tokens", 0))
             self.decoder = SpecDecoder(draft, batch, 2048, cfg, trace_sink=lambda t: None)
@@ -107,6 +118,7 @@ class Cell:
                 "copy_steps": getattr(self.decoder, "copy_steps", 0),
                 "copy_accepted": getattr(self.decoder, "copy_accepted", 0),
                 "copy_proposed": getattr(self.decoder, "copy_proposed", 0),
+                "traffic_copy_steps": getattr(getattr(self.decoder, "proposer", None), "traffic_copies", 0),
                 "outputs": [o.output_ids for o in outs]}
 
 
@@ -148,14 +160,14 @@ def paired_speedup(cell: Cell, base: Cell, decode: bool = False) -> tuple[float,
 def parse_lookaheads(text: str) -> list[int | str]:
     out: list[int | str] = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
-        base = item.removesuffix(COPY)
+        base = split_suffix(item)[0]
         if base in (ADAPTIVE, TREE, ADAPTIVE_TREE):
             out.append(item)
         elif base.isdigit():  # 0: the speculative path that never proposes (what its fixed work costs)
             out.append(int(item) if base == item else item)
         else:
             raise ValueError(f"--lookaheads item {item!r}: use integers >= 0, 'adaptive', '{TREE}' and/or "
-                             f"'{ADAPTIVE_TREE}', each optionally followed by '{COPY}'")
+                             f"'{ADAPTIVE_TREE}', each optionally followed by '{COPY}' or '{TRAFFIC}'")
     return out
 
 
@@ -207,8 +219,12 @@ def load(args):
     target, tokenizer = load_target_model(section)
     seen: set[tuple[int, ...]] = set()
     run_of_draft = Path(args.draft).resolve().parent if args.draft else None
-    if run_of_draft and (run_of_draft / "requests.jsonl").is_file() and not args.keep_trained_prompts:
-        args.exclude_run = [*args.exclude_run, str(run_of_draft)]  # a run's draft: measure on prompts it never saw
+    args.run_prompts = []
+    if run_of_draft and (run_of_draft / "requests.jsonl").is_file():
+        # the traffic that trained the draft: what a server that ran it has seen (a '+traffic' warm-up)
+        args.run_prompts = served_prompts(run_of_draft, tokenizer, target.config.vocab_size)
+        if not args.keep_trained_prompts:
+            args.exclude_run = [*args.exclude_run, str(run_of_draft)]  # a run's draft: measure on prompts it never saw
     for run in args.exclude_run:
         seen |= trained_prompts(run, tokenizer, target.config.vocab_size)
     ids, excluded = [], 0
@@ -218,18 +234,53 @@ def load(args):
             excluded += 1
         elif len(i) <= args.max_prompt_tokens:
             ids.append(i)
-        if len(ids) == args.prompts + 64:
+        if len(ids) == args.prompts + 64 + getattr(args, "traffic_warmup", 0):
             break
     if len(ids) < args.prompts:
         raise SystemExit(f"only {len(ids)} {args.domain!r} prompts of at most {args.max_prompt_tokens} tokens are left after excluding "
                          f"{excluded} that {args.exclude_run} trained on; --prompts asks for {args.prompts}")
-    prompts, vocab_sample = ids[: args.prompts], ids[args.prompts:]
+    prompts, vocab_sample = ids[: args.prompts], ids[args.prompts:args.prompts + 64]
+    args.spare_prompts = ids[args.prompts:]  # never measured: a '+traffic' warm-up takes its own from here
+    args.measured_prompts = prompts
     draft = initial_draft(section, target, vocab_sample).to_dtype(target.dtype).eval()
     return target, tokenizer, draft, prompts, excluded
 
 
+def traffic_warmup(target, tokenizer, args) -> list[list[int]]:
+    """Greedy outputs of ``--traffic-warmup`` prompts, served by a plain engine: the traffic a '+traffic'
+    cell has seen before. With a run's ``--draft``, the first requests that run served (the traffic a
+    server that ran it would have indexed, as its draft learned from them), else prompts of the domain
+    that are not measured (``load`` keeps them aside). The measured prompts are never among them."""
+    measured = {tuple(p) for p in args.measured_prompts}
+    pool = args.run_prompts if args.run_prompts else args.spare_prompts
+    warm = [p for p in pool if tuple(p) not in measured][: args.traffic_warmup]
+    source = "the draft's run" if args.run_prompts else f"unmeasured {args.domain} prompts"
+    print(f"traffic warm-up: {len(warm)} prompts from {source} (asked for {args.traffic_warmup}), "
+          f"{args.traffic_warmup_tokens} greedy tokens each")
+    if not warm:
+        return []
+    engine = LLMEngine(target, EngineConfig(num_slots=8, max_len=2048), tokenizer)
+    outs = engine.generate(warm, SamplingParams(max_tokens=args.traffic_warmup_tokens))
+    return [o.output_ids for o in outs]
+
+
+def fill_traffic(cell: "Cell", outputs: list[list[int]]) -> None:
+    """Teach a '+traffic' cell's index the warm-up outputs, then freeze it (a no-op for other cells)."""
+    traffic = getattr(cell.decoder, "traffic", None)
+    if traffic is None:
+        return
+    for out in outputs:
+        traffic.add(out)
+    traffic.frozen = True
+
+
 def trained_prompts(run_dir: str | Path, tokenizer, vocab_size: int) -> set[tuple[int, ...]]:
-    """Prompt ids a run's learner may have trained on: its traffic, rebuilt from the run's config (Hydra's
+    """Prompt ids a run's learner may have trained on (``served_prompts``, as a set)."""
+    return {tuple(ids) for ids in served_prompts(run_dir, tokenizer, vocab_size)}
+
+
+def served_prompts(run_dir: str | Path, tokenizer, vocab_size: int) -> list[list[int]]:
+    """A run's traffic in the order it was served, rebuilt from the run's config (Hydra's
     ``.hydra/config.yaml``, or the ``overrides.txt`` an experiment script writes), up to the last request
     in its ``requests.jsonl``."""
     from omegaconf import OmegaConf
@@ -252,7 +303,7 @@ def trained_prompts(run_dir: str | Path, tokenizer, vocab_size: int) -> set[tupl
     served = 1 + max((json.loads(line)["index"] for line in log_path.read_text().splitlines() if line.strip()),
                      default=-1)
     traffic = build_traffic(section, tokenizer, vocab_size, int(seed))
-    return {tuple(ids) for ids, _ in traffic.requests[:served]}
+    return [list(ids) for ids, _ in traffic.requests[:served]]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -260,7 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-sizes", default="1,4,8,16")
     p.add_argument("--lookaheads", default="3,4,5,adaptive",
                    help="comma list of fixed lookaheads and/or 'adaptive' (over 0..the largest fixed one); "
-                        "a '+copy' suffix (4+copy, adaptive+copy) adds context-copy proposals")
+                        "a '+copy' suffix (4+copy, adaptive+copy) adds context-copy proposals, '+traffic' "
+                        "context and traffic copies")
+    p.add_argument("--traffic-warmup", type=int, default=128,
+                   help="prompts (none of the measured ones) whose greedy outputs fill the '+traffic' cells' index")
+    p.add_argument("--traffic-warmup-tokens", type=int, default=128, help="tokens of each warm-up output")
     p.add_argument("--tree-topk", type=int, default=4, help="children per expanded node of a tree")
     p.add_argument("--tree-budget", type=int, default=12, help=f"proposed nodes per row and step of '{TREE}'")
     p.add_argument("--tree-depth", type=int, default=5, help="deepest draft expansion of a tree")
@@ -304,8 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
     target, tokenizer, draft, prompts, excluded = load(args)
     rows, identical = [], True
     lookaheads = parse_lookaheads(args.lookaheads)
-    max_k = max([int(str(k).removesuffix(COPY)) for k in lookaheads if str(k).removesuffix(COPY).isdigit()],
-                default=5)
+    max_k = max([int(split_suffix(str(k))[0]) for k in lookaheads if split_suffix(str(k))[0].isdigit()], default=5)
+    warm_outputs = traffic_warmup(target, tokenizer, args) if any(split_suffix(str(k))[2] for k in lookaheads) else []
     tree = {"topk": args.tree_topk, "budget": args.tree_budget, "depth": args.tree_depth,
             "copy_max_tokens": args.copy_max_tokens,
             "budgets": [int(x) for x in args.tree_budgets.split(",") if x.strip()]}
@@ -313,6 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
         extra = [] if args.no_control else [CONTROL]
         cells = [Cell(target, tokenizer, draft, batch, k, max_lookahead=max_k, tree=tree)
                  for k in [None, *extra, *lookaheads]]
+        for cell in cells:
+            fill_traffic(cell, warm_outputs)
         run_cells(cells, prompts, args.max_tokens, args.repeats)
         base = cells[0].row()
         base["speedup"] = base["decode_speedup"] = base["speedup_of_means"] = 1.0
@@ -336,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"dtype": str(resolve_dtype(args.dtype)).removeprefix("torch."), "quant": args.quant, "draft": args.draft or "day-0 random", "max_tokens": args.max_tokens,
               "prompts": len(prompts), "domain": args.domain, "prompt_seed": args.seed,
               "excluded_runs": args.exclude_run, "prompts_excluded": excluded, "greedy_outputs_identical": identical,
-              "repeats": args.repeats,
+              "repeats": args.repeats, "traffic_warmup_outputs": len(warm_outputs),
+              "traffic_warmup_tokens": sum(map(len, warm_outputs)),
               "table": [{k: v for k, v in r.items() if k != "outputs"} for r in rows],
               "capture": [{k: v for k, v in r.items() if k != "outputs"} for r in capture],
               "capture_cost": 1 - paired_speedup(*capture_cells[::-1])[0] if capture_cells else None}

@@ -63,6 +63,12 @@ class EngineSection:
     (prompt lookup), the draft elsewhere. None (default): on with the native engine, off with SGLang,
     which does not support it (true there is an error). Copies need no draft pass; the learner
     trains the draft on every position still, but its proposal terms only on drafted steps."""
+    traffic_copy: bool = False
+    """Where a row's own context offers no copy, copy what the target wrote after the same 2-4 tokens in
+    earlier requests' outputs (``aurora_rl.engine.traffic_copy``: an index of recent outputs, learned as
+    requests finish, no training step). Native engine only; needs ``context_copy``."""
+    traffic_window: int = 100_000
+    """Output tokens the traffic index keeps (the most recent; about 500 bytes each)."""
     tree_topk: int = 0
     """Token trees: children per expanded draft node (EAGLE-2's top-k; SGLang's ``--speculative-eagle-topk``).
     0 proposes one chain of ``lookahead`` tokens per row."""
@@ -229,6 +235,14 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"{key}={value} must be >= 1")
     if cfg.engine.lookahead < 0:
         raise ValueError(f"engine.lookahead={cfg.engine.lookahead} must be >= 0")
+    if cfg.engine.traffic_copy and cfg.engine.kind != "native":
+        raise ValueError(f"engine.traffic_copy=true needs engine.kind=native (copies are our engine's proposals), "
+                         f"got engine.kind={cfg.engine.kind!r}")
+    if cfg.engine.traffic_copy and cfg.engine.context_copy is False:
+        raise ValueError("engine.traffic_copy=true needs engine.context_copy (traffic copies are tried where the "
+                         "context offers none): set engine.context_copy=true or engine.traffic_copy=false")
+    if cfg.engine.traffic_window < 2:
+        raise ValueError(f"engine.traffic_window={cfg.engine.traffic_window} must be >= 2 tokens")
     if cfg.eval.prompts < 0:
         raise ValueError(f"eval.prompts={cfg.eval.prompts} must be >= 0 (0: every held-out prompt)")
     LearnerConfig(**vars(cfg.learner))  # the learner section's own checks, also for a config built in code

@@ -15,7 +15,8 @@ Invariant between steps: draft cache length + queued positions == target cache l
 for every slot; the slot's depth-1 draft output is current only when nothing is queued.
 
 Copy proposals (``aurora_rl.engine.context_copy``) are here too: one context index per slot, kept in
-step with the request's committed tokens. The proposer never looks at the target or decides what is
+step with the request's committed tokens, and, where the context offers none, the engine's traffic index
+of earlier outputs (``aurora_rl.engine.traffic_copy``). The proposer never looks at the target or decides what is
 accepted: the decoder (``aurora_rl.engine.speculative``) does.
 """
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from aurora_rl.engine.context_copy import ContextIndex
+from aurora_rl.engine.traffic_copy import TrafficIndex
 from aurora_rl.engine.sampling import processed_probs, sample_from
 from aurora_rl.engine.sequence import Sequence
 from aurora_rl.models import cpu_kernels
@@ -66,8 +68,13 @@ class ChainProposer:
     """The draft, its cache and its per-slot state; chains and copies on request (module docstring)."""
 
     def __init__(self, draft: Eagle3Draft, num_slots: int, max_len: int, context_copy: bool = False,
-                 copy_min_match: int = 2, copy_max_match: int = 4, copy_max_tokens: int = 0) -> None:
+                 copy_min_match: int = 2, copy_max_match: int = 4, copy_max_tokens: int = 0,
+                 traffic: TrafficIndex | None = None) -> None:
         self.draft = draft.eval()
+        self.traffic = traffic
+        """Earlier requests' outputs, asked where a row's own context offers no copy (None: off)."""
+        self.traffic_copies = 0
+        """Row-steps whose copy came from the traffic index, over the proposer's life."""
         self.cache = draft.new_cache(num_slots, max_len)
         self.context_copy = context_copy
         self.copy_min_match, self.copy_max_match, self.copy_max_tokens = copy_min_match, copy_max_match, copy_max_tokens
@@ -130,8 +137,9 @@ class ChainProposer:
         self.cache.lengths[slot] = 0
 
     def copies(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Per row, the longest proposal chain its context offers (``copy_max_tokens`` at most; [] where
-        nothing matches or copies are off): the step uses its first k tokens, k chosen for copying rows."""
+        """Per row, the longest proposal chain its context offers (``copy_max_tokens`` at most), else the
+        traffic index's where one is attached ([] where nothing matches or copies are off): the step uses
+        its first k tokens, k chosen for copying rows."""
         if not self.context_copy:
             return [[] for _ in seqs]
         out = []
@@ -140,7 +148,11 @@ class ChainProposer:
             if index is None:
                 index = self._copy[seq.slot] = ContextIndex(self.copy_min_match, self.copy_max_match)
             index.sync(seq.prompt_ids, seq.output_ids)
-            out.append(index.propose(self.copy_max_tokens))
+            chain = index.propose(self.copy_max_tokens)
+            if not chain and self.traffic is not None:
+                chain = self.traffic.propose(index.tokens, self.copy_max_tokens)
+                self.traffic_copies += bool(chain)
+            out.append(chain)
         return out
 
     def defer(self, slot: int, start: int, tokens: list[int], taps: torch.Tensor, copy: bool = True) -> None:

@@ -2,7 +2,8 @@
 
 ``SpecDecoder`` is the engine's speculative ``Decoder`` and coordinates one step per running row:
 choose the row's lookahead k (or, with token trees, its node budget), ask the proposer for k tokens
-(``aurora_rl.engine.chain_proposer``: a draft chain or a copy from the context; trees in
+(``aurora_rl.engine.chain_proposer``: a draft chain, or a copy from the context or from earlier
+requests' outputs, ``aurora_rl.engine.traffic_copy``; trees in
 ``aurora_rl.engine.tree_step``), run the k+1 positions of all rows in one batched target pass, let the
 verifier's accept rule (``aurora_rl.engine.verify``: greedy or lossless rejection sampling) keep a
 prefix plus one target token, roll the target cache back past the first rejection by a length reset,
@@ -28,6 +29,7 @@ from aurora_rl.engine.spec_math import Verdict
 from aurora_rl.engine.token_tree import MAX_TREE_NODES, TokenTree
 from aurora_rl.engine.trace import Trace
 from aurora_rl.engine.trace_capture import TraceCapture
+from aurora_rl.engine.traffic_copy import TrafficIndex
 from aurora_rl.engine.tree_proposer import TreeProposer
 from aurora_rl.engine.tree_step import decode_trees
 from aurora_rl.engine.verify import verify_chains
@@ -55,6 +57,12 @@ class SpecConfig:
     copy_max_tokens: int = 0
     """Most tokens a copy may propose (0: ``lookahead``). A copy's k comes from the lookahead controller
     (an adaptive one picks it apart from the draft's) or, without one, is ``lookahead``."""
+    traffic_copy: bool = False
+    """Where the context offers no copy, copy from the traffic: what the target wrote after the row's last
+    tokens in earlier requests' outputs (``aurora_rl.engine.traffic_copy``, learned as requests finish).
+    Needs ``context_copy``; the same match lengths and ``copy_max_tokens``."""
+    traffic_window: int = 100_000
+    """Output tokens the traffic index keeps (the most recent ones; about 500 bytes each)."""
     tree_topk: int = 0
     """Token trees (``aurora_rl.engine.tree_step``): children per expanded draft node, EAGLE-2's top-k
     (SGLang's ``--speculative-eagle-topk``). 0 proposes one chain per row (``lookahead`` tokens)."""
@@ -80,6 +88,11 @@ class SpecConfig:
                              f"{self.tree_topk}, tree_budget={self.tree_budget}, tree_depth={self.tree_depth}")
         if self.tree_budget > MAX_TREE_NODES - 1:
             raise ValueError(f"tree_budget={self.tree_budget}: a tree holds at most {MAX_TREE_NODES - 1} proposals")
+        if self.traffic_copy and not self.context_copy:
+            raise ValueError("traffic_copy needs context_copy: traffic copies are tried where the row's own context "
+                             "offers none (set context_copy=true, or traffic_copy=false)")
+        if self.traffic_window < 2:
+            raise ValueError(f"traffic_window must be >= 2 tokens, got {self.traffic_window}")
         if self.trace_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"trace_dtype={self.trace_dtype!r}; choose bfloat16, float16 or float32")
 
@@ -94,8 +107,10 @@ class SpecDecoder:
     def __init__(self, draft: Eagle3Draft, num_slots: int, max_len: int, config: SpecConfig | None = None,
                  trace_sink: Callable[[Trace], None] | None = None, policy_version: int = 0) -> None:
         self.config = cfg = config or SpecConfig()
+        self.traffic = (TrafficIndex(cfg.copy_min_match, cfg.copy_max_match, cfg.traffic_window)
+                        if cfg.traffic_copy else None)
         self.proposer = self.proposer_type(draft, num_slots, max_len, cfg.context_copy, cfg.copy_min_match,
-                                           cfg.copy_max_match, cfg.copy_max_tokens)
+                                           cfg.copy_max_match, cfg.copy_max_tokens, traffic=self.traffic)
         self.traces = TraceCapture(cfg.capture_traces, getattr(torch, cfg.trace_dtype), trace_sink)
         self.policy_version = policy_version
         self.lookahead_fn: Callable[[list[Sequence]], list[int]] | None = None
@@ -239,6 +254,8 @@ class SpecDecoder:
     def release(self, engine, seq: Sequence) -> None:
         self.proposer.release(seq.slot)
         self.traces.close(seq)
+        if self.traffic is not None:  # what the target wrote: later requests may copy from it
+            self.traffic.add(seq.output_ids)
 
     # ---- internals ------------------------------------------------------------------------------
     def _feed_draft(self, seqs: list[Sequence], drafted: list[bool], starts: list[int], new_tokens: list[list[int]],

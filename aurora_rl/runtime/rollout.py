@@ -65,6 +65,7 @@ class RolloutWorker:
                                    SpecConfig(lookahead=engine.lookahead, capture_traces=engine.capture_traces,
                                               trace_dtype=engine.trace_dtype,
                                               context_copy=engine.context_copy is not False,
+                                              traffic_copy=engine.traffic_copy, traffic_window=engine.traffic_window,
                                               tree_topk=engine.tree_topk, tree_budget=engine.tree_budget,
                                               tree_depth=engine.tree_depth),
                                    trace_sink=self._on_trace, policy_version=version)
