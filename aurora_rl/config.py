@@ -67,8 +67,8 @@ class EngineSection:
     """Where a row's own context offers no copy, copy what the target wrote after the same 2-4 tokens in
     earlier requests' outputs (``aurora_rl.engine.traffic_copy``: an index of recent outputs, learned as
     requests finish, no training step). Native engine only; needs ``context_copy``."""
-    traffic_window: int = 100_000
-    """Output tokens the traffic index keeps (the most recent; about 500 bytes each)."""
+    traffic_window: int = 50_000
+    """Output tokens the traffic index keeps (the most recent; at most about 1 KB each)."""
     tree_topk: int = 0
     """Token trees: children per expanded draft node (EAGLE-2's top-k; SGLang's ``--speculative-eagle-topk``).
     0 proposes one chain of ``lookahead`` tokens per row."""

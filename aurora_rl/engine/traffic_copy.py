@@ -11,7 +11,7 @@ are deterministic and verified as copies are, so decoding stays lossless.
 Memory is bounded by ``window``: outputs go into the current generation until it holds ``window // 2``
 tokens, then the previous generation is dropped and the current one becomes the previous one; a lookup
 tries the current generation, then the previous. The index thus covers the last ``window // 2`` to
-``window`` output tokens (roughly 400 bytes of Python objects per token).
+``window`` output tokens (at most about 140 bytes of Python objects per token and match length, for n-grams that never repeat).
 
 ``frozen`` stops learning (a benchmark fills the index from other prompts, then freezes it, so that
 repeated passes over the same prompts do not copy their own earlier answers).
@@ -41,7 +41,7 @@ _END = -1
 class TrafficIndex:
     """The n-grams of recent requests' outputs, shared by every slot of one engine (module docstring)."""
 
-    def __init__(self, min_match: int = 2, max_match: int = 4, window: int = 100_000) -> None:
+    def __init__(self, min_match: int = 2, max_match: int = 4, window: int = 50_000) -> None:
         if not 1 <= min_match <= max_match:
             raise ValueError(f"need 1 <= min_match <= max_match, got min_match={min_match}, max_match={max_match}")
         if window < 2:
