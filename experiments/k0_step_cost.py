@@ -1,6 +1,7 @@
 """What a speculative step at k = 0 costs over a plain decoding step, by part: the speculative path
 alone, with trace capture for the learner, with the context-copy index, and with both (the serving
-default when the controller settles at k = 0).
+default when the controller settles at k = 0), and a tree decoder at budget 0 (where the adaptive tree
+budget settles).
 
 Every configuration is an engine of its own serving the same requests (ShareGPT code prompts, greedy,
 ``--steps`` tokens each, ``--batch`` at a time), and the engines are stepped in turn, one engine step
@@ -30,12 +31,13 @@ if str(ROOT) not in sys.path:
 from aurora_rl.bench_spec import Cell, load  # noqa: E402
 from aurora_rl.engine import SamplingParams  # noqa: E402
 
-CONFIGS = {  # name -> (lookahead for bench_spec.Cell, trace capture)
-    "plain": (None, False),
-    "k=0": (0, False),
-    "k=0 + capture": (0, True),
-    "k=0 + copy index": ("0+copy", False),
-    "k=0 + copy index + capture": ("0+copy", True),
+CONFIGS = {  # name -> (lookahead for bench_spec.Cell, trace capture, tree settings)
+    "plain": (None, False, None),
+    "k=0": (0, False, None),
+    "k=0 + capture": (0, True, None),
+    "k=0 + copy index": ("0+copy", False, None),
+    "k=0 + copy index + capture": ("0+copy", True, None),
+    "tree decoder, budget 0 + copy index + capture": ("tree+copy", True, {"budget": 0}),
 }
 
 
@@ -78,7 +80,8 @@ def main(argv=None) -> dict:
     lines = ["| batch | configuration | ms per step (median) | vs plain: median of paired steps | ratio of means |",
              "|---:|---|---:|---:|---:|"]
     for batch in batches:
-        cells = {n: Cell(target, tokenizer, draft, batch, k, capture=cap) for n, (k, cap) in CONFIGS.items()}
+        cells = {n: Cell(target, tokenizer, draft, batch, k, capture=cap, tree=tree)
+                 for n, (k, cap, tree) in CONFIGS.items()}
         for c in cells.values():
             c.serve(prompts[:batch], 8, record=False)  # warm-up
         times = paired_steps(cells, prompts[: a.prompts * batch], batch, a.steps)

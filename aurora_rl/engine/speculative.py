@@ -26,7 +26,7 @@ from aurora_rl.engine.chain_proposer import ChainProposer
 from aurora_rl.engine.sampling import sample_tokens, sample_with_stats
 from aurora_rl.engine.sequence import Sequence
 from aurora_rl.engine.spec_math import Verdict
-from aurora_rl.engine.token_tree import MAX_TREE_NODES, TokenTree
+from aurora_rl.engine.token_tree import MAX_TREE_NODES
 from aurora_rl.engine.trace import Trace
 from aurora_rl.engine.trace_capture import TraceCapture
 from aurora_rl.engine.traffic_copy import TrafficIndex
@@ -250,11 +250,8 @@ class SpecDecoder:
         for b, (seq, tok) in enumerate(zip(seqs, tokens)):
             self.proposer.defer(seq.slot, starts[b], [tok], taps[b], copy=False)
             seq.verify_steps += 1
-            if self.tree_proposer is None:
-                self.traces.plain_row(seq, taps[b], hidden[b], rows[b], starts[b], self.policy_version, dt)
-            else:
-                self.traces.tree_step(seq, out, b, starts[b], TokenTree.rooted(seq.last_token), [], [], 0,
-                                      self.policy_version, dt, copied=False, stats=rows[b])
+            self.traces.plain_row(seq, taps[b], hidden[b], rows[b], starts[b], self.policy_version, dt,
+                                  tree=self.tree_proposer is not None)
             engine.append_tokens(seq, [tok])
 
     def release(self, engine, seq: Sequence) -> None:
@@ -308,8 +305,8 @@ class SpecDecoder:
             wanted = fn(seqs)
         else:
             wanted = [0 if s.params.lookahead == 0 else self.config.tree_budget for s in seqs]
-        max_len = engine.config.max_len
-        return [0 if seq.room(max_len) <= 0 else max(0, min(n, max_len - int(engine.runner.lengths[seq.slot]) - 1))
+        max_len, lengths = engine.config.max_len, engine.runner.lengths.tolist()
+        return [0 if seq.room(max_len) <= 0 else max(0, min(n, max_len - lengths[seq.slot] - 1))
                 for seq, n in zip(seqs, wanted)]
 
     def _verify(self, seqs, ks, props, qs, target_logits: torch.Tensor,

@@ -168,6 +168,13 @@ class TraceRecorder:
             self.trees.append((list(tree.tokens), list(tree.parents), list(tree.logp),
                                [src == COPY for src in tree.source], [i in kept for i in range(len(tree))]))
 
+    def add_plain_step(self, position: int, version: int, seconds: float, root: int | None = None) -> None:
+        """A step that proposed nothing: ``add_step`` with no proposals (and, for a tree decoder's trace,
+        whose steps each carry a tree, the root-only tree of ``root``), built without a ``TokenTree``."""
+        self.steps.append((position, [], [], 0, version, seconds, False))
+        if root is not None:
+            self.trees.append(([root], [-1], [0.0], [False], [True]))
+
     def finish(self, request_id: str, prompt_ids: list[int], output_ids: list[int], status: TraceStatus,
                finish_reason: str | None, greedy: bool) -> Trace:
         L = len(prompt_ids) + len(output_ids) - 1

@@ -53,14 +53,15 @@ class TraceCapture:
         rec.add_step(start - 1, proposals, logp, accepted, version, seconds, copied=copied)
 
     def plain_row(self, seq: Sequence, taps: torch.Tensor, hidden: torch.Tensor, stats: torch.Tensor | None,
-                  start: int, version: int, seconds: float) -> None:
-        """A chain decoder's plain step (no proposal) for ``seq``: its one kept position's ``taps`` [1, F],
-        ``hidden`` [1, H] and served ``stats`` [1, 3], the step row with nothing proposed."""
+                  start: int, version: int, seconds: float, tree: bool = False) -> None:
+        """A plain step (no proposal) for ``seq``: its one kept position's ``taps`` [1, F], ``hidden`` [1, H]
+        and served ``stats`` [1, 3], the step row with nothing proposed; with ``tree`` (a tree decoder's
+        trace) the step's root-only tree too, as ``tree_step`` records it for a tree of one node."""
         rec = self._open.get(seq.request_id)
         if rec is None:
             return
         rec.add_positions(taps, hidden, None, stats)
-        rec.add_step(start - 1, [], [], 0, version, seconds, copied=False)
+        rec.add_plain_step(start - 1, version, seconds, seq.last_token if tree else None)
 
     def tree_step(self, seq: Sequence, out, b: int, start: int, tree: TokenTree, path: list[int], chain: list[int],
                   accepted: int, version: int, seconds: float, copied: bool, stats: torch.Tensor | None = None) -> None:
