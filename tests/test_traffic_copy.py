@@ -64,7 +64,8 @@ def test_the_window_drops_the_oldest_outputs_and_frozen_learns_nothing():
 
 
 def _traffic_engine(model, draft, traffic: bool = True):
-    dec = SpecDecoder(draft, 3, 96, SpecConfig(lookahead=3, context_copy=True, traffic_copy=traffic))
+    dec = SpecDecoder(draft, 3, 96, SpecConfig(lookahead=3, context_copy=True, traffic_copy=traffic,
+                                               traffic_min_match=2))
     return LLMEngine(model, EngineConfig(num_slots=3, max_len=96), decoder=dec), dec
 
 
@@ -95,6 +96,8 @@ def test_traffic_settings_are_checked_and_the_bench_names_them():
         SpecConfig(traffic_copy=True, context_copy=False)
     with pytest.raises(ValueError, match="traffic_window"):
         SpecConfig(context_copy=True, traffic_copy=True, traffic_window=0)
+    with pytest.raises(ValueError, match="traffic_min_match"):
+        SpecConfig(context_copy=True, traffic_copy=True, traffic_min_match=9)
     assert split_suffix("adaptive+traffic") == ("adaptive", True, True)
     assert split_suffix("4+copy") == ("4", True, False) and split_suffix("tree") == ("tree", False, False)
     assert parse_lookaheads("0+traffic,adaptive-tree+traffic,3") == ["0+traffic", "adaptive-tree+traffic", 3]
