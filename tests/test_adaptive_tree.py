@@ -121,3 +121,41 @@ def test_at_batch_8_budgets_are_probed_on_one_row_and_a_batch_of_trees_runs_only
     # each row's tree adds 0.02 of a step and wins 1.5 tokens: trees pay on the whole batch
     full = serve(good, 100, {0: 0, 4: 1.5, 8: 1.8}, {0: 0.0, 4: 0.02, 8: 0.05})
     assert full > 80 and good.cost[bucket(8)][4][1] > 0
+
+
+@pytest.mark.unit
+def test_at_budget_0_rows_that_can_copy_verify_the_copy_alone_while_copies_pay():
+    """With trees shown not to pay, a row whose context offers a copy gets a copy-only chain (its budget:
+    the copy model's k, at most the copy's length); rows with no copy, or that asked for lookahead 0, stay
+    plain; once copies are measured never to be accepted at a dear step, no row copies."""
+    from aurora_rl.engine.adaptive import AdaptiveConfig, AdaptiveLookahead
+
+    ctl = AdaptiveTreeBudget([4], TreeBudgetConfig(probe_steps=1, epsilon=0.0))
+    for n, cost in ((0, 1.0), (4, 3.0)):
+        ctl.observe(1, n, cost, 0, 1)  # a tree of 4 costs 3 plain steps and accepts nothing
+    ctl.copy_model = AdaptiveLookahead(4, AdaptiveConfig(epsilon=0.0, epsilon_min=0.0, copy_prior_acceptance=0.8))
+    ctl.copy_model.observe(1, 0, 1.0, [], [])
+    rows = [_Row(3), _Row(1), _Row(2, lookahead=0)]
+    budgets = ctl(rows, [2, 0, 5])
+    assert ctl.choose(1) == 0 and budgets[1] == budgets[2] == 0 and budgets[0] == min(ctl.copy_model.last_copy_k, 2) > 0
+    assert ctl.copy_steps == 1 and ctl.chosen[-1] == 0
+    for _ in range(60):  # copies of 4 at 4x the plain step, never accepted
+        ctl._observe_copies(1, [4], 4.0, [1, 1, 1, 1], [0, 0, 0, 0])
+    assert ctl(rows[:1], [5]) == [0] and ctl(rows[:1], [0]) == [0]
+
+
+@pytest.mark.unit
+def test_adaptive_tree_budget_copies_in_the_engine_and_keeps_outputs_identical():
+    model, _ = tiny_target()
+    ps = prompts(5)
+    sp = SamplingParams(max_tokens=32, ignore_eos=True)
+    base = LLMEngine(model, EngineConfig(num_slots=3, max_len=64)).generate(ps, sp)
+    engine, dec = tree_engine(model, make_draft(model), 3, 8, copy=True)
+    ctl = AdaptiveTreeBudget([2, 8], TreeBudgetConfig(probe_steps=2)).attach(dec)
+    assert ctl.copy_model is not None and ctl.copy_model.max_lookahead == dec.config.copy_max_tokens
+    outs = engine.generate(ps, sp)
+    assert [o.output_ids for o in outs] == [o.output_ids for o in base]
+    assert ctl.copy_steps > 0 and dec.copy_steps > 0 and dec.copy_accepted > 0
+    assert sum(ctl.copy_model._cproposed) > 0  # the copy-only steps fed the copy model's acceptance
+    _, plain_dec = tree_engine(model, make_draft(model), 3, 8)
+    assert AdaptiveTreeBudget([2]).attach(plain_dec).copy_model is None  # no copies, no copy model

@@ -341,9 +341,9 @@ class AdaptiveLookahead:
             t0 = self.clock()
             inner(engine, seqs)
             seconds = self.clock() - t0  # the draft catch-up this step triggered included (module doc)
-            dp, da = _delta(decoder.depth_proposed, p0), _delta(decoder.depth_accepted, a0)
-            dcp = _delta(getattr(decoder, "copy_depth_proposed", []), cp0)
-            dca = _delta(getattr(decoder, "copy_depth_accepted", []), ca0)
+            dp, da = counter_deltas(decoder.depth_proposed, p0), counter_deltas(decoder.depth_accepted, a0)
+            dcp = counter_deltas(getattr(decoder, "copy_depth_proposed", []), cp0)
+            dca = counter_deltas(getattr(decoder, "copy_depth_accepted", []), ca0)
             dcp, dca = dcp + [0] * (len(dp) - len(dcp)), dca + [0] * (len(da) - len(dca))
             # A proposal at depth j implies one at every shallower depth: k is the deepest proposed.
             deepest = sum(1 for x in dp if x > 0)
@@ -371,5 +371,6 @@ _MIXED = -2
 """``_cost_k`` of a step whose rows use different ks: its cell is set from the tokens it verified."""
 
 
-def _delta(now: list[int], before: list[int]) -> list[int]:
+def counter_deltas(now: list[int], before: list[int]) -> list[int]:
+    """Per depth, what a decoder's counter gained since ``before`` (a copy taken before the step)."""
     return [n - (before[j] if j < len(before) else 0) for j, n in enumerate(now)]

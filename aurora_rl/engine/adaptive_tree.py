@@ -28,6 +28,16 @@ with optimistic acceptance, says it could pay, and from then on its measured cos
 steps at a budget that costs three plain steps was a 6% loss, and the controller ran at 0.92x-0.95x of
 plain decoding); a hot swap of the draft (a new policy version) halves the acceptance evidence, which
 widens the bound and lets exploration resume.
+
+Copies (a decoder with ``context_copy``): at budget 0 a row whose context offers a copy may still
+verify that copy alone, a chain with no draft pass, which is where copies pay at batch 1 (a chain
+decoder's adaptive lookahead gets its gains there from copies, with a draft that does not pay). Whether
+and how deep is the copy side of ``AdaptiveLookahead`` (``copy_model``: the copies' own per-depth
+acceptance over the step times of copy-only steps, against plain steps at this batch size, probes and
+exploration included). Copy-only steps are timed in that model alone; the budgets' cells keep plain
+steps at budget 0, so a tree budget is chosen only where it beats plain decoding (a conservative
+comparison: not against plain decoding with copies). At a budget above 0 the copy goes into each tree
+as its first branch, as before.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from aurora_rl.engine.adaptive import AdaptiveLookahead, counter_deltas
 from aurora_rl.engine.lookahead_model import bucket
 from aurora_rl.engine.sequence import Sequence
 
@@ -70,6 +81,8 @@ class AdaptiveTreeBudget:
     """Chooses each step's tree budget among ``budgets``; a ``SpecDecoder.lookahead_fn`` (module doc)."""
 
     picks_tree_budget = True
+    splits_copies = True
+    """The decoder passes each row's copy length (0: none); see "Copies" in the module doc."""
 
     def __init__(self, budgets: list[int], config: TreeBudgetConfig | None = None) -> None:
         if not budgets or min(budgets) < 0:
@@ -93,6 +106,10 @@ class AdaptiveTreeBudget:
         self._version = None
         self.explored = 0
         """Exploration steps taken (a budget other than the chosen one)."""
+        self.copy_model: AdaptiveLookahead | None = None
+        """Whether and how deep rows copy at budget 0 (set by ``attach`` for a decoder that copies)."""
+        self.copy_steps = 0
+        """Budget-0 steps in which some row verified a copy."""
 
     def expected_tokens(self, n: int) -> float:
         acc, steps, _ = self.tokens[n]
@@ -140,7 +157,7 @@ class AdaptiveTreeBudget:
                 return other
         return best
 
-    def __call__(self, seqs: list[Sequence]) -> list[int]:
+    def __call__(self, seqs: list[Sequence], copy_lengths: list[int] | None = None) -> list[int]:
         n = self.choose(len(seqs))
         budgets = [0 if s.params.lookahead == 0 else n for s in seqs]
         if self.probing:
@@ -151,9 +168,30 @@ class AdaptiveTreeBudget:
                 self.probes += 1
             else:
                 n, self.probing = 0, False
-        self._pending = (n, self.probing, [b > 0 for b in budgets])
+        copied = False
+        if n == 0 and self.copy_model is not None and copy_lengths:
+            rows = [b for b, s in enumerate(seqs) if copy_lengths[b] and s.params.lookahead is None]
+            if rows:  # the copy model's k per copying row (probes included), a copy-only chain each
+                for b, k in zip(rows, self.copy_model([seqs[b] for b in rows], [True] * len(rows))):
+                    budgets[b] = min(k, copy_lengths[b])
+                copied = any(budgets[b] for b in rows)
+                self.copy_steps += copied
+        self._pending = (n, self.probing, [b > 0 for b in budgets], budgets if copied else None)
         self.chosen.append(n)
         return budgets
+
+    def _observe_copies(self, batch: int, budgets: list[int] | None, seconds: float, proposed: list[int],
+                        accepted: list[int]) -> None:
+        """A budget-0 step in the copy model: a copy-only step (``budgets``: each row's copy length, with
+        its per-depth copy counts) or a plain one (None), the k = 0 cell copies are weighed against."""
+        if budgets is None:
+            self.copy_model.observe(batch, 0, seconds, [], [])
+            return
+        K = self.copy_model.max_lookahead
+        # One k for the cost cell: the rows' common k, else the k of a uniform step verifying as many tokens.
+        k = budgets[0] if len(set(budgets)) == 1 else round(sum(1 + x for x in budgets) / batch) - 1
+        self.copy_model.observe(batch, min(max(k, 0), K), seconds, proposed, accepted, proposed, accepted,
+                                copy_step=True)
 
     def observe(self, batch: int, budget: int, seconds: float, accepted: int, rows: int,
                 square: float | None = None, probe: bool = False) -> None:
@@ -184,6 +222,11 @@ class AdaptiveTreeBudget:
             raise ValueError("decoder already has a wrapped decode (attached twice?)")
         inner = decoder.decode
         self._version = decoder.policy_version
+        cfg = decoder.config
+        if cfg.context_copy and cfg.copy_max_tokens > 0:
+            self.copy_model = AdaptiveLookahead(cfg.copy_max_tokens)
+            if next(decoder.draft.parameters()).device.type == "cpu":
+                self.copy_model.prior_slope = self.copy_model.config.cpu_prior_slope
 
         def decode(engine, seqs: list[Sequence]) -> None:
             if decoder.policy_version != self._version:  # a hot-swapped draft: its acceptance is unknown
@@ -191,12 +234,20 @@ class AdaptiveTreeBudget:
                 self.forget(0.5)
             a0 = [s.accepted_tokens for s in seqs]
             c0 = decoder.catch_up_s
+            if self.copy_model is not None:
+                cp0, ca0 = list(decoder.copy_depth_proposed), list(decoder.copy_depth_accepted)
             t0 = time.perf_counter()
             inner(engine, seqs)
             seconds = time.perf_counter() - t0
             pending, self._pending = self._pending, None
             if pending is not None:
-                budget, probe, ran = pending
+                budget, probe, ran, copy_budgets = pending
+                if budget == 0 and self.copy_model is not None:
+                    self._observe_copies(len(seqs), copy_budgets, max(seconds, 1e-9),
+                                         counter_deltas(decoder.copy_depth_proposed, cp0),
+                                         counter_deltas(decoder.copy_depth_accepted, ca0))
+                    if copy_budgets is not None:  # a copy-only step: not a budget-0 (plain) step
+                        return
                 if probe:  # a probe stands for a batch of trees: the one row's switching cost is not theirs
                     seconds -= decoder.catch_up_s - c0
                 acc = [s.accepted_tokens - a for s, a, r in zip(seqs, a0, ran) if r or not budget]

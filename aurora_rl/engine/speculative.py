@@ -303,12 +303,14 @@ class SpecDecoder:
         # Never draft past max_tokens or the context: those proposals could not be kept.
         return [max(0, min(k, seq.room(engine.config.max_len))) for seq, k in zip(seqs, wanted)]
 
-    def _tree_budgets(self, engine, seqs: list[Sequence]) -> list[int]:
-        """Per row, the step's node budget: the controller's (one that ``picks_tree_budget``), else the
-        config's; a request's ``lookahead`` = 0 turns it off. Capped by the cache room and ``room``."""
+    def _tree_budgets(self, engine, seqs: list[Sequence], copies: list[list[int]] | None = None) -> list[int]:
+        """Per row, the step's node budget: the controller's (one that ``picks_tree_budget``; one that
+        ``splits_copies`` is told each row's copy length), else the config's; a request's ``lookahead`` = 0
+        turns it off. Capped by the cache room and ``room``."""
         fn = self.lookahead_fn
         if fn is not None and getattr(fn, "picks_tree_budget", False):
-            wanted = fn(seqs)
+            wanted = (fn(seqs, [len(c) for c in copies]) if copies is not None and getattr(fn, "splits_copies", False)
+                      else fn(seqs))
         else:
             wanted = [0 if s.params.lookahead == 0 else self.config.tree_budget for s in seqs]
         max_len, lengths = engine.config.max_len, engine.runner.lengths.tolist()

@@ -39,7 +39,7 @@ def decode_trees(dec, engine, seqs: list[Sequence]) -> None:
     t0 = time.perf_counter()
     proposer = dec.proposer
     copies = proposer.copies(seqs)
-    budgets = dec._tree_budgets(engine, seqs)
+    budgets = dec._tree_budgets(engine, seqs, copies)
     if not any(budgets):  # budget 0 everywhere: a plain step, with no tree pass to build or verify
         return dec.plain_step(engine, seqs, t0)
     # A row whose copy chain fills its budget has no room for draft nodes: it skips the draft's expansion
