@@ -344,3 +344,22 @@ def test_a_step_is_charged_the_draft_catch_up_it_triggers():
     dec.decode(SimpleNamespace(), seqs)
     (cells,) = ctrl._cost.values()
     assert cells == {1: [pytest.approx(1.0), 1]}  # the old rule charged 0.4
+
+
+@pytest.mark.unit
+def test_on_cpu_the_cost_prior_is_capped_where_a_copy_can_still_be_tried_at_batch_8():
+    """Attached to a CPU decoder the prior is the measured one: 0.2 x B per lookahead token, at most 0.6
+    of a step (a uniform k = 1 step cost 1.5x a plain one at batch 4-16). With only k = 0 measured, a
+    copy of one token at batch 8 is then priced at 1.6 steps, and a copy right as often as its optimistic
+    bound allows can pay, so it is explored; under the old cap of 1.0 (2 steps) it never could."""
+    model, _ = tiny_target()
+    dec = SpecDecoder(make_draft(model), 8, 64, SpecConfig(context_copy=True))
+    ctrl = AdaptiveLookahead(4).attach(dec)
+    assert (ctrl.prior_slope, ctrl.max_prior_slope) == (0.2, 0.6)
+    ctrl.observe(8, 0, 0.01, [], [])
+    assert ctrl.costs(8)[:2] == pytest.approx([0.01, 0.016])
+    assert ctrl.costs(1)[1] == pytest.approx(0.012)  # below the cap: 0.2 x B
+    costs, alphas = ctrl.costs(8, copy=True), [0.9] * 4
+    assert ctrl._may_pay(1, 0, costs, alphas, [50.0] * 4)
+    ctrl.max_prior_slope = 1.0
+    assert not ctrl._may_pay(1, 0, ctrl.costs(8, copy=True), alphas, [50.0] * 4)

@@ -95,6 +95,11 @@ class AdaptiveConfig:
     0.12 explored more at batch 4 and gained nothing measurable (``experiments/results/table_s7_prior``)."""
     max_prior_slope: float = 1.0
     """Cap of the batch-scaled prior slope (1.0: a lookahead token costs at most one more step)."""
+    cpu_max_prior_slope: float = 0.6
+    """``max_prior_slope`` on CPU. A uniform k = 1 step on the default Q4_1 target (AVX-512 EPYC, 300 tokens
+    of context) cost 1.11x / 1.50x / 1.49x / 1.54x a plain step at batch 1 / 4 / 8 / 16
+    (``experiments/results/batch_verify_s16``): with a cap of 1.0 the prior priced a copy at batch 5 and up
+    as dearer than anything it could win, so copies were never tried there and their cost never measured."""
     horizon: int = 200
     """Steps of memory of the acceptance counts (per-step discount 1 - 1/horizon), to follow a learning draft."""
     max_evidence: float = 400.0
@@ -122,8 +127,8 @@ class AdaptiveConfig:
         for name in ("prior_acceptance", "copy_prior_acceptance", "epsilon", "epsilon_min"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        for name in ("prior_weight", "prior_slope", "cpu_prior_slope", "max_prior_slope", "min_gain",
-                     "probe_evidence"):
+        for name in ("prior_weight", "prior_slope", "cpu_prior_slope", "max_prior_slope", "cpu_max_prior_slope",
+                     "min_gain", "probe_evidence"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.max_evidence <= 0:
@@ -166,8 +171,8 @@ class AdaptiveLookahead:
         """The same for steps whose proposals were all copied (no draft pass)."""
         self._cost_copy = False
         self.last_copy_k = 0
-        self.prior_slope = self.config.prior_slope
-        """The cost prior in use: ``cpu_prior_slope`` once attached to a decoder on CPU."""
+        self.prior_slope, self.max_prior_slope = self.config.prior_slope, self.config.max_prior_slope
+        """The cost prior in use, and its cap: the ``cpu_`` ones once attached to a decoder on CPU."""
 
     # ---- the model ------------------------------------------------------------------------------
     def alphas(self) -> list[float]:
@@ -184,8 +189,7 @@ class AdaptiveLookahead:
         cells = nearest_cells(self._cost, batch)
         if copy:
             cells = {**({0: cells[0]} if 0 in cells else {}), **nearest_cells(self._ccost, batch)}
-        cfg = self.config
-        costs = predict_costs(cells, self.max_lookahead, min(self.prior_slope * batch, cfg.max_prior_slope))
+        costs = predict_costs(cells, self.max_lookahead, min(self.prior_slope * batch, self.max_prior_slope))
         # Proposing more never makes a step cheaper: a k measured below a smaller one is timing noise.
         for k in range(1, len(costs)):
             costs[k] = max(costs[k], costs[k - 1])
@@ -318,6 +322,11 @@ class AdaptiveLookahead:
                 prop[j], acc[j] = p * scale, a * scale
 
     # ---- plugging into a decoder ----------------------------------------------------------------
+    def price_for(self, decoder) -> None:
+        """Take the cost priors of the device ``decoder``'s draft runs on (the ``cpu_`` ones on CPU)."""
+        if next(decoder.draft.parameters()).device.type == "cpu":
+            self.prior_slope, self.max_prior_slope = self.config.cpu_prior_slope, self.config.cpu_max_prior_slope
+
     def attach(self, decoder) -> "AdaptiveLookahead":
         """Become ``decoder.lookahead_fn`` and time its ``decode`` steps; returns the controller."""
         if not hasattr(decoder, "depth_proposed"):
@@ -325,8 +334,7 @@ class AdaptiveLookahead:
         if "decode" in vars(decoder):
             raise ValueError("decoder already has a wrapped decode (attached twice?)")
         inner = decoder.decode
-        if next(decoder.draft.parameters()).device.type == "cpu":
-            self.prior_slope = self.config.cpu_prior_slope
+        self.price_for(decoder)
 
         self._version = getattr(decoder, "policy_version", None)
 

@@ -225,8 +225,7 @@ class AdaptiveTreeBudget:
         cfg = decoder.config
         if cfg.context_copy and cfg.copy_max_tokens > 0:
             self.copy_model = AdaptiveLookahead(cfg.copy_max_tokens)
-            if next(decoder.draft.parameters()).device.type == "cpu":
-                self.copy_model.prior_slope = self.copy_model.config.cpu_prior_slope
+            self.copy_model.price_for(decoder)
 
         def decode(engine, seqs: list[Sequence]) -> None:
             if decoder.policy_version != self._version:  # a hot-swapped draft: its acceptance is unknown
