@@ -347,19 +347,20 @@ def test_a_step_is_charged_the_draft_catch_up_it_triggers():
 
 
 @pytest.mark.unit
-def test_on_cpu_the_cost_prior_is_capped_where_a_copy_can_still_be_tried_at_batch_8():
-    """Attached to a CPU decoder the prior is the measured one: 0.2 x B per lookahead token, at most 0.6
-    of a step (a uniform k = 1 step cost 1.5x a plain one at batch 4-16). With only k = 0 measured, a
-    copy of one token at batch 8 is then priced at 1.6 steps, and a copy right as often as its optimistic
-    bound allows can pay, so it is explored; under the old cap of 1.0 (2 steps) it never could."""
+def test_on_cpu_the_cost_prior_takes_the_cpu_slope_and_cap():
+    """Attached to a CPU decoder the prior is the CPU one: 0.2 x B per lookahead token, at most
+    ``cpu_max_prior_slope`` of a step. With only k = 0 measured, the cap decides whether a copy can be
+    tried at batch 8: at 1.0 (the default) a one-token copy is priced at 2 steps and can never pay, so it
+    is not explored; at 0.6 it is priced at 1.6 steps and a copy right 90% of the time may pay."""
     model, _ = tiny_target()
     dec = SpecDecoder(make_draft(model), 8, 64, SpecConfig(context_copy=True))
     ctrl = AdaptiveLookahead(4).attach(dec)
-    assert (ctrl.prior_slope, ctrl.max_prior_slope) == (0.2, 0.6)
+    assert (ctrl.prior_slope, ctrl.max_prior_slope) == (0.2, 1.0)
     ctrl.observe(8, 0, 0.01, [], [])
-    assert ctrl.costs(8)[:2] == pytest.approx([0.01, 0.016])
-    assert ctrl.costs(1)[1] == pytest.approx(0.012)  # below the cap: 0.2 x B
-    costs, alphas = ctrl.costs(8, copy=True), [0.9] * 4
-    assert ctrl._may_pay(1, 0, costs, alphas, [50.0] * 4)
-    ctrl.max_prior_slope = 1.0
+    assert ctrl.costs(8)[:2] == pytest.approx([0.01, 0.02]) and ctrl.costs(1)[1] == pytest.approx(0.012)
+    alphas = [0.9] * 4
     assert not ctrl._may_pay(1, 0, ctrl.costs(8, copy=True), alphas, [50.0] * 4)
+    low = AdaptiveLookahead(4, AdaptiveConfig(cpu_max_prior_slope=0.6)).attach(
+        SpecDecoder(make_draft(model), 8, 64, SpecConfig(context_copy=True)))
+    low.observe(8, 0, 0.01, [], [])
+    assert low.costs(8)[1] == pytest.approx(0.016) and low._may_pay(1, 0, low.costs(8, copy=True), alphas, [50.0] * 4)

@@ -95,11 +95,15 @@ class AdaptiveConfig:
     0.12 explored more at batch 4 and gained nothing measurable (``experiments/results/table_s7_prior``)."""
     max_prior_slope: float = 1.0
     """Cap of the batch-scaled prior slope (1.0: a lookahead token costs at most one more step)."""
-    cpu_max_prior_slope: float = 0.6
-    """``max_prior_slope`` on CPU. A uniform k = 1 step on the default Q4_1 target (AVX-512 EPYC, 300 tokens
-    of context) cost 1.11x / 1.50x / 1.49x / 1.54x a plain step at batch 1 / 4 / 8 / 16
-    (``experiments/results/batch_verify_s16``): with a cap of 1.0 the prior priced a copy at batch 5 and up
-    as dearer than anything it could win, so copies were never tried there and their cost never measured."""
+    cpu_max_prior_slope: float = 1.0
+    """``max_prior_slope`` on CPU. Measured, a uniform k = 1 step on the default Q4_1 target (AVX-512 EPYC,
+    300 tokens of context) cost 1.11x / 1.50x / 1.49x / 1.54x a plain step at batch 1 / 4 / 8 / 16
+    (``experiments/results/batch_verify_s16``), so 0.6 would match; but with 0.6 the controller copied at
+    batch 8, 48% of copied tokens accepted where a token costs 0.65 of a plain one, and decoded at 0.92x
+    against 1.03x for k = 0 + copy in the same run (``experiments/results/tree_s16_cap06``). A step where
+    some rows copy is priced as the uniform k verifying as many tokens, rounded (one row copying 4 at
+    batch 8 lands in the k = 0 cell), which undercounts what copying costs; until mixed steps are priced
+    by their tokens, the dear prior keeps copies off where they cannot pay."""
     horizon: int = 200
     """Steps of memory of the acceptance counts (per-step discount 1 - 1/horizon), to follow a learning draft."""
     max_evidence: float = 400.0
