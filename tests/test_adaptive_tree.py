@@ -142,6 +142,13 @@ def test_at_budget_0_rows_that_can_copy_verify_the_copy_alone_while_copies_pay()
     for _ in range(60):  # copies of 4 at 4x the plain step, never accepted
         ctl._observe_copies(1, [4], 4.0, [1, 1, 1, 1], [0, 0, 0, 0])
     assert ctl(rows[:1], [5]) == [0] and ctl(rows[:1], [0]) == [0]
+    # At batch 8 a copy step is priced as the uniform step it stands for: one row copying 4 tokens in
+    # 1.34 plain steps is half a token per row, so a k = 1 step would take 1 + 0.34 x 2 = 1.68 steps.
+    # A one-row probe of one token (an eighth of a token per row) counts for acceptance only.
+    ctl.copy_model.observe(8, 0, 1.0, [], [])
+    ctl._observe_copies(8, [4] + [0] * 7, 1.34, [1, 1, 1, 1], [1, 1, 0, 0])
+    ctl._observe_copies(8, [1] + [0] * 7, 1.05, [1], [1])
+    assert ctl.copy_model._ccost[bucket(8)] == {1: [pytest.approx(1.68), 1]}
 
 
 @pytest.mark.unit

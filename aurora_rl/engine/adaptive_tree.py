@@ -183,15 +183,28 @@ class AdaptiveTreeBudget:
     def _observe_copies(self, batch: int, budgets: list[int] | None, seconds: float, proposed: list[int],
                         accepted: list[int]) -> None:
         """A budget-0 step in the copy model: a copy-only step (``budgets``: each row's copy length, with
-        its per-depth copy counts) or a plain one (None), the k = 0 cell copies are weighed against."""
+        its per-depth copy counts) or a plain one (None), the k = 0 cell copies are weighed against.
+
+        The copy model's cost cells are of uniform steps (every row verifying k more tokens), and a copy
+        step is seldom one: at batch 8, one row copying 4 tokens verifies half a token more per row. Its
+        time is priced as the uniform step's would be under a cost linear in tokens verified, from the
+        measured plain step t0: t(k) = t0 + (t - t0) k / k_eff, with k_eff the extra tokens per row and k
+        the nearest whole lookahead >= 1 (priced as the rounded k instead, one row copying at batch 8 fell
+        in the k = 0 cell and copying looked nearly free). Steps with under a quarter of a token more per
+        row (one-row probes at batch > 4) count for acceptance only: scaled up, their timing noise would
+        be the price."""
+        model = self.copy_model
         if budgets is None:
-            self.copy_model.observe(batch, 0, seconds, [], [])
+            model.observe(batch, 0, seconds, [], [])
             return
-        K = self.copy_model.max_lookahead
-        # One k for the cost cell: the rows' common k, else the k of a uniform step verifying as many tokens.
-        k = budgets[0] if len(set(budgets)) == 1 else round(sum(1 + x for x in budgets) / batch) - 1
-        self.copy_model.observe(batch, min(max(k, 0), K), seconds, proposed, accepted, proposed, accepted,
-                                copy_step=True)
+        model.observe(batch, None, seconds, proposed, accepted, proposed, accepted)  # acceptance only
+        k_eff = sum(budgets) / batch
+        plain = model._cost.get(bucket(batch), {}).get(0)
+        if k_eff < 0.25 or plain is None or not plain[1]:
+            return
+        k = min(max(1, round(k_eff)), model.max_lookahead)
+        t0 = plain[0]
+        model.observe(batch, k, max(t0 + (seconds - t0) * k / k_eff, 1e-9), [], [], copy_step=True)
 
     def observe(self, batch: int, budget: int, seconds: float, accepted: int, rows: int,
                 square: float | None = None, probe: bool = False) -> None:
