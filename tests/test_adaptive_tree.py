@@ -166,3 +166,15 @@ def test_adaptive_tree_budget_copies_in_the_engine_and_keeps_outputs_identical()
     assert sum(ctl.copy_model._cproposed) > 0  # the copy-only steps fed the copy model's acceptance
     _, plain_dec = tree_engine(model, make_draft(model), 3, 8)
     assert AdaptiveTreeBudget([2]).attach(plain_dec).copy_model is None  # no copies, no copy model
+
+
+@pytest.mark.unit
+def test_a_row_whose_copy_fills_the_budget_is_no_evidence_for_the_budget():
+    """At a budget above 0 a row whose copy is at least the budget runs no draft: the step's tokens say
+    nothing of trees, so the row is left out of the budget's evidence (and a step where every such row
+    only copied is not observed at all); a row whose copy is shorter drafts the rest and counts."""
+    ctl = AdaptiveTreeBudget([4], TreeBudgetConfig(probe_steps=1, epsilon=0.0))
+    ctl.observe(1, 0, 1.0, 0, 1)  # budget 0 measured: the next choice tries budget 4
+    assert ctl([_Row(1)], [5]) == [4] and ctl._pending[2] == [False]
+    assert ctl([_Row(1)], [2]) == [4] and ctl._pending[2] == [True]
+    assert ctl([_Row(1)], None) == [4] and ctl._pending[2] == [True]
