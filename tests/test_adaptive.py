@@ -364,3 +364,18 @@ def test_on_cpu_the_cost_prior_takes_the_cpu_slope_and_cap():
         SpecDecoder(make_draft(model), 8, 64, SpecConfig(context_copy=True)))
     low.observe(8, 0, 0.01, [], [])
     assert low.costs(8)[1] == pytest.approx(0.016) and low._may_pay(1, 0, low.costs(8, copy=True), alphas, [50.0] * 4)
+
+
+@pytest.mark.unit
+def test_copy_costs_are_one_buckets_curve_never_spliced_from_two():
+    """At batch 16 with plain steps measured there and copy steps only at batch 1, the copy costs come
+    from batch 16's k = 0 cell and the prior, not from batch 1's copy cells beside it; with no plain
+    step measured anywhere, the nearest bucket's copy curve is borrowed whole."""
+    ctrl = AdaptiveLookahead(2, AdaptiveConfig(prior_slope=0.1))
+    ctrl.observe(16, 0, 0.030, [], [])
+    ctrl.observe(1, 1, 0.008, [1], [1], [1], [1], copy_step=True)
+    costs = ctrl.costs(16, copy=True)
+    assert costs[0] == pytest.approx(0.030) and costs[1] == pytest.approx(0.030 * (1 + min(0.1 * 16, 1.0)))
+    cold = AdaptiveLookahead(2, AdaptiveConfig(prior_slope=0.1))
+    cold.observe(1, 1, 0.008, [1], [1], [1], [1], copy_step=True)
+    assert cold.costs(16, copy=True)[1] == pytest.approx(0.008)

@@ -21,7 +21,10 @@ Model, per batch size B and lookahead k in 0..K (one k for the whole batch):
   ``prior_slope`` x B x the step time, at most ``max_prior_slope``: each lookahead token adds B
   verified tokens, nearly free while a step is bound by reading the weights and as dear as the step
   itself once it is bound by compute), an unmeasured bucket borrows the nearest measured bucket's
-  curve. Only ratios between ks matter, so borrowed absolute times do no harm. Predicted costs never
+  curve. Only ratios between ks matter, so borrowed absolute times do no harm, as long as a curve is
+  borrowed whole: copy steps' cells are taken from the bucket whose k = 0 cell is used, or not at all
+  (spliced, batch-1 copy times beside a batch-16 plain step made copying look four times cheaper
+  than it is, and the tree controller's copy model copied at batch 16). Predicted costs never
   fall with k: a larger k timed below a smaller one is noise, and must not buy speculation.
 - Choice: k* = argmax_k B*E[k]/t(B, k); B cancels. Ties within ``min_gain`` go to the smaller k,
   so timing noise never buys speculation that does not pay: with a useless draft (alpha ~ 0, E[k] ~ 1)
@@ -67,7 +70,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from aurora_rl.engine.lookahead_model import (acceptance_rates, best_lookahead, bucket, expected_tokens,
-                                              nearest_cells, predict_costs)
+                                              nearest_bucket, nearest_cells, predict_costs)
 from aurora_rl.engine.sequence import Sequence
 
 __all__ = ["AdaptiveConfig", "AdaptiveLookahead", "acceptance_rates", "best_lookahead", "expected_tokens",
@@ -191,8 +194,10 @@ class AdaptiveLookahead:
         """Predicted step time for k = 0..K at this batch size (from the nearest measured bucket); with
         ``copy``, of steps whose proposals are all copied (their k = 0 cell is the shared one)."""
         cells = nearest_cells(self._cost, batch)
-        if copy:
-            cells = {**({0: cells[0]} if 0 in cells else {}), **nearest_cells(self._ccost, batch)}
+        if copy:  # one bucket's curve, never spliced: another bucket's copy times beside this k = 0 mean nothing
+            b = nearest_bucket(self._cost, batch)
+            copied = nearest_cells(self._ccost, batch) if b is None else dict(self._ccost.get(b, {}))
+            cells = {**({0: cells[0]} if 0 in cells else {}), **{k: (m, n) for k, (m, n) in copied.items()}}
         costs = predict_costs(cells, self.max_lookahead, min(self.prior_slope * batch, self.max_prior_slope))
         # Proposing more never makes a step cheaper: a k measured below a smaller one is timing noise.
         for k in range(1, len(costs)):

@@ -69,12 +69,18 @@ def predict_costs(cells: dict[int, tuple[float, float]], max_lookahead: int, pri
     return out
 
 
+def nearest_bucket(table: dict[int, dict[int, list[float]]], batch: int) -> int | None:
+    """The batch's bucket if ``table`` has it, else the nearest one it has (None: an empty table)."""
+    b = bucket(batch)
+    if b not in table:
+        return min(table, key=lambda m: (abs(m - b), m)) if table else None
+    return b
+
+
 def nearest_cells(table: dict[int, dict[int, list[float]]], batch: int) -> dict[int, tuple[float, float]]:
     """{k: (mean seconds, count)} of the batch's bucket, or of the nearest measured one."""
-    b = bucket(batch)
-    if b not in table and table:
-        b = min(table, key=lambda m: (abs(m - b), m))
-    return {k: (m, n) for k, (m, n) in table.get(b, {}).items()}
+    b = nearest_bucket(table, batch)
+    return {k: (m, n) for k, (m, n) in table.get(b, {}).items()} if b is not None else {}
 
 
 def bucket(batch: int) -> int:
