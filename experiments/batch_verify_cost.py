@@ -14,7 +14,6 @@ cost prior (``AdaptiveConfig.cpu_prior_slope``, ``cpu_max_prior_slope``) is set 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common import write_result  # noqa: E402
 from aurora_rl.bench_spec import load  # noqa: E402
 from aurora_rl.engine.runner import ModelRunner  # noqa: E402
 
@@ -83,11 +83,7 @@ def main(argv=None) -> dict:
     table = "\n".join(lines)
     print(f"context {CONTEXT} tokens per row, {a.repeats} rounds, medians")
     print(table)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "batch_verify_cost.json").write_text(json.dumps(result, indent=1))
-        (out / "batch_verify_cost.md").write_text(table + "\n")
+    write_result(a.out, "batch_verify_cost", result, table)
     return result
 
 

@@ -107,6 +107,16 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
+def write_result(out: str | Path | None, name: str, result: Any, table: str) -> None:
+    """An experiment's figures as ``<out>/<name>.json`` and its table as ``<out>/<name>.md`` (no-op without ``out``)."""
+    if not out:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", result)
+    (out / f"{name}.md").write_text(table + "\n")
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only backend."""
     import matplotlib

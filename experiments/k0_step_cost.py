@@ -18,7 +18,6 @@ token over all steps (what throughput sees, rare dear steps included).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common import write_result  # noqa: E402
 from aurora_rl.bench_spec import Cell, load  # noqa: E402
 from aurora_rl.engine import SamplingParams  # noqa: E402
 
@@ -121,11 +121,7 @@ def main(argv=None) -> dict:
     print(f"{a.prompts} waves x {a.steps} greedy tokens per batch size, engines stepped in turn; "
           "ratios are of time per committed token against plain")
     print(table)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "k0_step_cost.json").write_text(json.dumps(result, indent=1))
-        (out / "k0_step_cost.md").write_text(table + "\n")
+    write_result(a.out, "k0_step_cost", result, table)
     return result
 
 
