@@ -204,6 +204,11 @@ class AdaptiveLookahead:
             costs[k] = max(costs[k], costs[k - 1])
         return costs
 
+    def plain_step_time(self, batch: int) -> float | None:
+        """The measured k = 0 step time in this batch size's own bucket (None: not measured there)."""
+        cell = self._cost.get(bucket(batch), {}).get(0)
+        return cell[0] if cell and cell[1] else None
+
     def optimistic_alphas(self, alphas: list[float] | None = None, proposed: list[float] | None = None) -> list[float]:
         """Upper confidence bounds of the per-depth acceptance (alpha + 2 sd + 1/n, capped at 1); the
         draft's by default, or of the given rates and (discounted) proposal counts."""

@@ -205,11 +205,10 @@ class AdaptiveTreeBudget:
             return
         model.observe(batch, None, seconds, proposed, accepted, proposed, accepted)  # acceptance only
         k_eff = sum(budgets) / batch
-        plain = model._cost.get(bucket(batch), {}).get(0)
-        if k_eff < 0.25 or plain is None or not plain[1]:
+        t0 = model.plain_step_time(batch)
+        if k_eff < 0.25 or t0 is None:
             return
         k = min(max(1, round(k_eff)), model.max_lookahead)
-        t0 = plain[0]
         model.observe(batch, k, max(t0 + (seconds - t0) * k / k_eff, 1e-9), [], [], copy_step=True)
 
     def observe(self, batch: int, budget: int, seconds: float, accepted: int, rows: int,
