@@ -149,3 +149,27 @@ def test_objective_ablation_short(tmp_path):
     table = ablation.table(tmp_path)
     assert "| greedy | full | 1 |" in table and "| sampled | osd | 1 |" in table
     torch.set_num_threads(threads)
+
+
+@pytest.mark.unit
+def test_oracle_ceiling_cells_accept_every_proposal_and_stay_lossless():
+    """The ceiling experiment's oracle cells (a tiny random target and draft): every proposal is right, so
+    steps emit about k + 1 tokens where the draft alone gets almost nothing accepted, and the outputs
+    are plain decoding's."""
+    from aurora_rl.engine import SamplingParams
+    from tests.conftest import tiny_target
+    from tests.test_engine import prompts
+    from tests.test_speculative import make_draft
+
+    exp = load("oracle_draft_ceiling")
+    model, _ = tiny_target()
+    draft, ps, sp = make_draft(model), prompts(4), SamplingParams(max_tokens=21, ignore_eos=True)
+    answers = exp.answers_of(model, None, ps, 21, 2)
+    oracle = exp.Oracle(answers)
+    for name, (lookahead, _) in exp.CELLS.items():
+        outs = exp.oracle_cell(model, None, draft, 2, name, oracle).engine.generate(ps, sp)
+        assert [o.output_ids for o in outs] == [answers[tuple(p)] for p in ps], name
+        # 20 tokens after the prefill's first: 4 steps of 5 at k = 4 (the tree is 5 deep), accept length 5
+        assert min(o.accept_length for o in outs) == 5.0, (name, [o.accept_length for o in outs])
+        alone = exp.Cell(model, None, draft, 2, lookahead, capture=True).engine.generate(ps, sp)
+        assert max(o.accept_length for o in alone) < 2.0, name  # the random draft (or no copy) alone
