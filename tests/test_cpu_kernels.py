@@ -291,3 +291,24 @@ def test_argmax_logsumexp_in_one_call_equals_the_two_calls(dtype):
         assert torch.equal(idx, x.argmax(-1)) and torch.equal(idx, cpu_kernels.argmax(x))
         torch.testing.assert_close(lse, cpu_kernels.logsumexp(x, scale), rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(lse, torch.logsumexp(x.float() * scale, -1), rtol=2e-6, atol=2e-5, equal_nan=True)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_logsumexp_of_a_batch_on_two_threads_equals_one_thread(dtype):
+    """A batch's rows are split across threads (a served step's logits, 8 x 49152): each row is still one
+    thread's, so the results are those of one thread bit for bit, and torch's."""
+    g = torch.Generator().manual_seed(6)
+    x = (4 * torch.randn(8, 49152, generator=g)).to(dtype)
+    x[3, 11] = float("nan")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.argmax_logsumexp(x, 1 / 0.7)
+        torch.set_num_threads(2)
+        two = cpu_kernels.argmax_logsumexp(x, 1 / 0.7)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(two[0], x.argmax(-1))
+    torch.testing.assert_close(two[1], one[1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(two[1], torch.logsumexp(x.float() / 0.7, -1), rtol=2e-6, atol=2e-5, equal_nan=True)
