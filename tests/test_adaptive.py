@@ -379,3 +379,17 @@ def test_copy_costs_are_one_buckets_curve_never_spliced_from_two():
     cold = AdaptiveLookahead(2, AdaptiveConfig(prior_slope=0.1))
     cold.observe(1, 1, 0.008, [1], [1], [1], [1], copy_step=True)
     assert cold.costs(16, copy=True)[1] == pytest.approx(0.008)
+
+
+@pytest.mark.unit
+def test_a_stalled_step_counts_at_most_twice_its_cells_mean():
+    """One 323 ms step among 20 ms ones (a VM stall) moves the k = 0 cell by what a 40 ms step would,
+    and a faster step is taken whole."""
+    ctrl = AdaptiveLookahead(4)
+    for _ in range(10):
+        ctrl.observe(8, 0, 0.020, [], [])
+    ctrl.observe(8, 0, 0.323, [], [])
+    mean = 0.020 + (0.040 - 0.020) / 11
+    assert ctrl.plain_step_time(8) == pytest.approx(mean)
+    ctrl.observe(8, 0, 0.002, [], [])
+    assert ctrl.plain_step_time(8) == pytest.approx(mean + (0.002 - mean) / 12)

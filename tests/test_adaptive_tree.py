@@ -178,3 +178,21 @@ def test_a_row_whose_copy_fills_the_budget_is_no_evidence_for_the_budget():
     assert ctl([_Row(1)], [5]) == [4] and ctl._pending[2] == [False]
     assert ctl([_Row(1)], [2]) == [4] and ctl._pending[2] == [True]
     assert ctl([_Row(1)], None) == [4] and ctl._pending[2] == [True]
+
+
+@pytest.mark.unit
+def test_one_stalled_plain_step_does_not_make_a_batch_of_trees_look_cheap():
+    """Session 17, batch 8: one budget-0 step of 323 ms among 20 ms ones put the plain cell at 80 ms (an
+    EMA of weight 0.2), a batch of trees predicted at t(B, 0) + B max(t_probe - t(B, 0), 0) = 80 ms
+    looked cheaper than plain decoding, and the controller ran trees at 3-4x a plain step's cost. A
+    step counts at most at twice its cell's mean, so the stall moves the cell by a fifth, not 4x."""
+    rows = [_Row(s) for s in range(8)]
+    ctl = AdaptiveTreeBudget([4], TreeBudgetConfig(probe_steps=3, epsilon=0.0))
+    for _ in range(40):  # probes of budget 4 (one row: +14 ms, 0.43 tokens accepted), then plain steps
+        n = max(ctl(rows))
+        ctl.observe(8, n, 0.034 if ctl.probing else 0.020, 0.43 if n else 0.0, 1 if n else 8, probe=ctl.probing)
+    assert ctl.probes == 3 and ctl.chosen[-1] == 0
+    assert max(ctl(rows)) == 0
+    ctl.observe(8, 0, 0.323, 0.0, 8)  # the stall
+    assert ctl.cost[bucket(8)][0][0] == pytest.approx(0.8 * 0.020 + 0.2 * 0.040)
+    assert all(max(ctl(rows)) == 0 for _ in range(50))

@@ -16,7 +16,8 @@ Model, per batch size B and lookahead k in 0..K (one k for the whole batch):
   ``prior_acceptance`` and, deeper, pi_j = alpha_{j-1} (a geometric tail where nothing was measured).
   Expected tokens per step: E[k] = 1 + sum_{j<=k} prod_{l<=j} alpha_l.
 - Cost: wall time of ``decode`` (propose, verify k+1, draft extend) as an EMA per (B bucket, k),
-  buckets being powers of two of B. An unmeasured k is extrapolated from the nearest measured k with
+  buckets being powers of two of B, each step counted at most at twice the cell's mean (a stalled
+  step is not the cost of its k: ``lookahead_model.capped_step_time``). An unmeasured k is extrapolated from the nearest measured k with
   the bucket's least-squares slope (clamped >= 0; when only one k is measured, a prior slope of
   ``prior_slope`` x B x the step time, at most ``max_prior_slope``: each lookahead token adds B
   verified tokens, nearly free while a step is bound by reading the weights and as dear as the step
@@ -69,8 +70,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from aurora_rl.engine.lookahead_model import (acceptance_rates, best_lookahead, bucket, expected_tokens,
-                                              nearest_bucket, nearest_cells, predict_costs)
+from aurora_rl.engine.lookahead_model import (acceptance_rates, best_lookahead, bucket, capped_step_time,
+                                              expected_tokens, nearest_bucket, nearest_cells, predict_costs)
 from aurora_rl.engine.sequence import Sequence
 
 __all__ = ["AdaptiveConfig", "AdaptiveLookahead", "acceptance_rates", "best_lookahead", "expected_tokens",
@@ -323,6 +324,7 @@ class AdaptiveLookahead:
         if k is not None and k <= self.max_lookahead:
             table = self._ccost if copy_step and k > 0 else self._cost
             cell = table.setdefault(bucket(batch), {}).setdefault(k, [0.0, 0])
+            seconds = capped_step_time(cell[0], cell[1], seconds)
             cell[1] += 1
             cell[0] += (seconds - cell[0]) / min(cell[1], self.config.cost_horizon)
 

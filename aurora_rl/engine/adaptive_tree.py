@@ -7,7 +7,9 @@ becomes the decoder's budget picker and times every step. One budget for the who
 
 Model, per budget n: tokens per row and step E[n] = 1 + accepted tokens per row-step, a discounted mean
 over the steps that ran at n (acceptance does not depend on the batch size); cost t(B, n) = the wall
-time of ``decode`` as an EMA per batch bucket (powers of two), the draft catch-up included: a step
+time of ``decode`` as an EMA per batch bucket (powers of two), a step counted at most at twice the
+cell's mean (``lookahead_model.capped_step_time``: one stalled plain step once made trees look cheaper
+than plain decoding), the draft catch-up included: a step
 that drafts after budget-0 steps pays to feed their positions to the draft first, and that is the
 price of switching back and forth (left out, a controller alternating 0 and 4 ran at 0.81x of plain
 decoding on the quantized target while it believed budget 4 paid). Choice: n* = argmax E[n] / t(B, n), ties within ``min_gain`` to the smaller
@@ -49,7 +51,7 @@ import time
 from dataclasses import dataclass
 
 from aurora_rl.engine.adaptive import AdaptiveLookahead, counter_deltas
-from aurora_rl.engine.lookahead_model import bucket
+from aurora_rl.engine.lookahead_model import bucket, capped_step_time
 from aurora_rl.engine.sequence import Sequence
 
 
@@ -218,6 +220,7 @@ class AdaptiveTreeBudget:
         mean). ``probe``: one row ran the budget, the others plain (timed apart, see ``step_cost``)."""
         table = self.probe_cost if probe else self.cost
         cell = table.setdefault(bucket(batch), {}).setdefault(budget, [seconds, 0])
+        seconds = capped_step_time(cell[0], cell[1], seconds)  # one stalled step is not the budget's cost
         a = self.config.cost_ema if cell[1] else 1.0
         cell[0] = (1 - a) * cell[0] + a * seconds
         cell[1] += 1

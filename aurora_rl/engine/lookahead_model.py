@@ -69,6 +69,21 @@ def predict_costs(cells: dict[int, tuple[float, float]], max_lookahead: int, pri
     return out
 
 
+STALL_CAP = 2.0
+"""An observed step time counts as at most this many times its cell's mean (``capped_step_time``)."""
+
+
+def capped_step_time(mean: float, count: float, seconds: float) -> float:
+    """What one observed step adds to a cell of mean ``mean`` over ``count`` steps: ``seconds``, or
+    ``STALL_CAP`` x the mean if it is longer. A step is only ever slowed by what is not its work (the
+    VM stalling, a collection, another process), and one such step is not the budget's cost: a budget-0
+    step of 323 ms among 20 ms ones put the tree controller's plain cell at 80 ms, a batch of trees at
+    70 ms then looked cheaper than plain decoding, and since budget 0 was no longer chosen its cell was
+    never corrected (67 steps at 3-4x the plain step's cost, at batch 8). A real rise (longer contexts,
+    more rows in the bucket) is followed within a few steps; falls are taken whole."""
+    return min(seconds, STALL_CAP * mean) if count > 0 else seconds
+
+
 def nearest_bucket(table: dict[int, dict[int, list[float]]], batch: int) -> int | None:
     """The batch's bucket if ``table`` has it, else the nearest one it has (None: an empty table)."""
     b = bucket(batch)
